@@ -1,0 +1,496 @@
+"""The loss zoo of on-policy distillation (OPD): one pure function per variant.
+
+The same functions serve the toy tabular world (``toy/``) and the transformer loop
+(``opd_mini/train.py``): they take plain tensors and return ``(loss, metrics)``, where
+``loss`` is a scalar float32 tensor to call ``.backward()`` on and ``metrics`` is a dict of
+detached scalar tensors with namespaced keys (documented in :data:`METRIC_DOCS`).
+
+Notation (used in every docstring)::
+
+    π_θ        the student (the policy being trained)
+    q          the teacher
+    c_t        the prefix (prompt + completion tokens before position t)
+    y_t        the token the student sampled at position t
+    r_t        log π_θ(y_t|c_t) − log q(y_t|c_t)   the per-token log-ratio
+               (−r_t is the per-token "reward" of OPD: positive where the teacher likes y_t more)
+
+Shapes carry suffixes: ``B`` batch, ``T`` completion positions, ``V`` vocabulary, ``K`` teacher
+top-K support. Inputs named ``*_logits_BTV`` may be logits or log-probabilities (a log-softmax is
+applied, which leaves log-probabilities unchanged). Every computation runs in float32, whatever the
+input dtype (bf16/fp16 inputs are upcast).
+
+Normalisation, the same for every loss: a per-token mean over the masked-in positions of the
+whole batch, ``Σ_{b,t} mask_bt · ℓ_bt / N``. By default ``N = mask.sum()``. When a batch is split
+into micro-batches (gradient accumulation) or chunks along the sequence, pass the token count of the
+*full* batch as ``num_tokens`` to every call: the summed micro-batch losses then equal the full-batch
+loss exactly, and the gradient does not depend on how the batch was split.
+
+Zero-probability teacher tokens (log q = −inf) never produce NaN: reverse-KL style terms clamp the
+teacher's log-probabilities at :data:`LOGP_FLOOR` (−100 nats, below the smallest normal float32
+probability, e^−87), and forward-KL style terms drop them (0 · log 0 = 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Metrics = dict[str, torch.Tensor]
+
+#: Teacher log-probabilities are clamped here inside reverse-KL terms (see module docstring).
+LOGP_FLOOR = -100.0
+
+#: What each metric key returned by a loss means. ``train.py`` logs these as they are.
+METRIC_DOCS: dict[str, str] = {
+    "loss/total": "the scalar that was back-propagated (per-token mean over the mask)",
+    "kl/reverse_sampled": "mean over tokens of r_t = log π_θ(y_t) − log q(y_t): the one-sample estimate "
+    "of the per-token reverse KL on the student's own tokens",
+    "kl/reverse_full": "mean over tokens of the exact reverse KL Σ_v π_θ(v)(log π_θ(v) − log q(v))",
+    "kl/forward_full": "mean over tokens of the exact forward KL Σ_v q(v)(log q(v) − log π_θ(v))",
+    "kl/jsd": "mean over tokens of the generalized Jensen-Shannon divergence JSD(β)",
+    "kl/reverse_topk": "mean over tokens of the reverse KL inside the teacher's top-K support",
+    "opd/neg_reward_frac": "fraction of tokens whose sampled-token reward −r_t is negative (the student "
+    "likes y_t more than the teacher): the 'imbalanced signal' of Fu et al. 2026",
+    "opd/clip_frac": "fraction of tokens whose log-ratio r_t was clipped",
+    "opd/advantage_mean": "mean per-token advantage used in the policy-gradient loss",
+    "opd/high_entropy_frac": "fraction of tokens where the teacher's entropy exceeds the threshold "
+    "(where entropy-aware OPD adds forward KL)",
+    "student/topk_mass": "student probability mass inside the teacher's top-K support",
+    "teacher/topk_mass": "teacher probability mass inside its own top-K support",
+    "teacher/entropy": "mean teacher entropy H(q(·|c_t)) in nats",
+    "pg/ratio_mean": "mean importance ratio π_θ(y_t)/π_behaviour(y_t) (1 when fully on-policy)",
+    "reward/mean": "mean verifiable reward of the batch",
+    "loss/sft": "SFT cross-entropy: mean −log π_θ(y_t) over the target tokens",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# validation and shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_unit_interval(name: str, value: float) -> float:
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def _check_bt(mask_BT: torch.Tensor, **tensors: torch.Tensor | None) -> torch.Tensor:
+    """Check every tensor starts with the mask's (B, T) shape; return the mask as bool."""
+    if mask_BT.dim() != 2:
+        raise ValueError(f"mask_BT must have shape (B, T), got {tuple(mask_BT.shape)}")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if tuple(t.shape[:2]) != tuple(mask_BT.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but mask_BT has shape {tuple(mask_BT.shape)}: "
+                f"the first two dimensions (B, T) must match"
+            )
+    return mask_BT.bool()
+
+
+def _check_same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}; they must match")
+
+
+def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | None) -> torch.Tensor:
+    if num_tokens is None:
+        return mask.sum().clamp(min=1).float()
+    n = torch.as_tensor(num_tokens, dtype=torch.float32, device=mask.device)
+    if not torch.isfinite(n) or n <= 0:
+        raise ValueError(f"num_tokens must be a positive number of masked-in tokens, got {num_tokens}")
+    return n
+
+
+def _masked_sum(x_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # torch.where (not x * mask) so inf/NaN at masked-out positions cannot leak into the sum
+    return torch.where(mask, x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device)).sum()
+
+
+def _masked_mean(x_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Detached mean over the masked-in positions (for metrics; 0 when the mask is empty)."""
+    return (_masked_sum(x_BT.detach().float(), mask) / mask.sum().clamp(min=1)).detach()
+
+
+def _log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits_BTV.float(), dim=-1)
+
+
+def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a(v) (log a(v) − log b(v)) over the last dim, with 0 · anything = 0 where a(v) = 0."""
+    p_a = logp_a.exp()
+    diff = torch.where(p_a > 0, logp_a - logp_b, torch.zeros((), device=logp_a.device))
+    return (p_a * diff).sum(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros((), device=logp.device))).sum(-1)
+
+
+def _teacher_full(teacher_logp_BTV: torch.Tensor, V: int) -> torch.Tensor:
+    if teacher_logp_BTV.shape[-1] != V:
+        raise ValueError(
+            f"teacher_logp_BTV has vocabulary size {teacher_logp_BTV.shape[-1]} but the student has {V}: "
+            "student and teacher must share a vocabulary (trim padded embedding rows to the tokenizer length)"
+        )
+    return teacher_logp_BTV.float()
+
+
+def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """log π(y_t | c_t) of the given tokens, shape (B, T), in float32.
+
+    Computed as ``logits[y] − logsumexp(logits)`` so no (B, T, V) log-softmax copy is kept.
+    """
+    if logits_BTV.shape[:2] != tokens_BT.shape:
+        raise ValueError(
+            f"logits_BTV has shape {tuple(logits_BTV.shape)} but tokens_BT has shape {tuple(tokens_BT.shape)}"
+        )
+    logits = logits_BTV.float()
+    picked = logits.gather(-1, tokens_BT.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def mask_special_tokens(mask_BT: torch.Tensor, tokens_BT: torch.Tensor, special_ids) -> torch.Tensor:
+    """Modifier: drop positions whose sampled token is a special token from the mask.
+
+    Special tokens (EOS, chat markers) are where student and teacher tokenisations disagree most, and a
+    one-token comparison there produces false negatives (Fu et al. 2026, §4.2). Returns a bool mask.
+    """
+    mask = _check_bt(mask_BT, tokens_BT=tokens_BT)
+    ids = torch.as_tensor(list(special_ids), dtype=tokens_BT.dtype, device=tokens_BT.device)
+    if ids.numel() == 0:
+        return mask
+    return mask & ~torch.isin(tokens_BT, ids)
+
+
+# --------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------
+
+
+def return_to_go(x_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return-to-go ``G_t = Σ_{t' ≥ t} γ^(t'−t) · mask_t' · x_t'`` along T, shape (B, T).
+
+    γ = 0 gives ``G_t = x_t`` (no coupling to the future); γ = 1 the plain reverse cumulative sum.
+    Discounting counts positions, so a masked-out token inside the completion still ages the discount.
+    """
+    gamma = _check_unit_interval("gamma", gamma)
+    mask = _check_bt(mask_BT, x_BT=x_BT)
+    x = torch.where(mask, x_BT.float(), torch.zeros((), device=x_BT.device))
+    if gamma == 0.0:
+        return x
+    if gamma == 1.0:
+        return x.flip(-1).cumsum(-1).flip(-1)
+    out = torch.empty_like(x)
+    running = torch.zeros_like(x[:, 0])
+    for t in range(x.shape[1] - 1, -1, -1):
+        running = x[:, t] + gamma * running
+        out[:, t] = running
+    return out
+
+
+def grpo_advantages(rewards_B: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages of GRPO (Shao et al. 2024), shape (B,).
+
+    The batch holds ``B / group_size`` prompts with ``group_size`` consecutive samples each.
+    ``A_i = (R_i − mean_group R) / (std_group R + eps)``; with ``normalize_std=False`` only the group
+    mean is subtracted (REINFORCE with a leave-in group baseline, as in Dr. GRPO). std is the
+    population standard deviation. A group whose rewards are all equal gets advantage 0.
+    """
+    if rewards_B.dim() != 1:
+        raise ValueError(f"rewards_B must have shape (B,), got {tuple(rewards_B.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
+    if rewards_B.shape[0] % group_size != 0:
+        raise ValueError(f"batch size {rewards_B.shape[0]} is not a multiple of group_size {group_size}")
+    r = rewards_B.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if normalize_std:
+        adv = adv / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def mix_advantages(opd_advantages_BT: torch.Tensor, reward_advantages_B: torch.Tensor, reward_weight: float) -> torch.Tensor:
+    """Mixed OPD + reward advantage ``A_t = A_t^OPD + w · A^reward`` (the sequence-level reward advantage
+    is broadcast over every token of its sequence), shape (B, T). ``w = 0`` is pure OPD."""
+    if reward_advantages_B.dim() != 1 or reward_advantages_B.shape[0] != opd_advantages_BT.shape[0]:
+        raise ValueError(
+            f"reward_advantages_B must have shape ({opd_advantages_BT.shape[0]},), got {tuple(reward_advantages_B.shape)}"
+        )
+    if not math.isfinite(reward_weight) or reward_weight < 0:
+        raise ValueError(f"reward_weight must be a finite number >= 0, got {reward_weight}")
+    return opd_advantages_BT.float() + reward_weight * reward_advantages_B.float().unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# policy-gradient losses (sampled tokens)
+# --------------------------------------------------------------------------------------------
+
+
+def policy_gradient(
+    student_logp_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    behaviour_logp_BT: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Importance-weighted policy-gradient loss ``−(1/N) Σ_t ρ_t · A_t``, ``ρ_t = π_θ(y_t)/π_b(y_t)``.
+
+    Its gradient is ``−(1/N) Σ_t ρ_t A_t ∇ log π_θ(y_t|c_t)``: raise the probability of tokens with
+    positive advantage. Advantages are treated as constants (stop-gradient). Without
+    ``behaviour_logp_BT`` the samples are taken to come from the current student (ρ = 1 in value, and
+    the gradient is the on-policy REINFORCE gradient). ``advantages_BT`` may also be (B,) and is then
+    broadcast over T. This is the form of the Tinker cookbook's importance-sampling loss.
+
+    Shapes: student_logp_BT (B, T) = log π_θ(y_t|c_t) with grad; behaviour_logp_BT (B, T); mask_BT (B, T).
+    """
+    if advantages_BT.dim() == 1:
+        advantages_BT = advantages_BT.unsqueeze(1).expand(-1, student_logp_BT.shape[1])
+    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, advantages_BT=advantages_BT,
+                     behaviour_logp_BT=behaviour_logp_BT)
+    logp = student_logp_BT.float()
+    reference = logp.detach() if behaviour_logp_BT is None else behaviour_logp_BT.float()
+    ratio = torch.exp(logp - reference)
+    adv = advantages_BT.detach().float()
+    loss = -_masked_sum(ratio * adv, mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "pg/ratio_mean": _masked_mean(ratio, mask),
+                  "opd/advantage_mean": _masked_mean(adv, mask)}
+
+
+def reverse_kl_sampled_token(
+    student_logp_BT: torch.Tensor,
+    teacher_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    behaviour_logp_BT: torch.Tensor | None = None,
+    gamma: float = 0.0,
+    clip_log_ratio: float | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Sampled-token reverse KL in policy-gradient form, with the discounted return-to-go family.
+
+    Per-token log-ratio on the student's own sample (stop-gradient, current student)::
+
+        r_t = log π_θ(y_t|c_t) − log q(y_t|c_t)
+        A_t = −Σ_{t'≥t} γ^(t'−t) r_t'                      (Fu et al. 2026, §3.1, Eq. 1-3)
+        loss = −(1/N) Σ_t ρ_t A_t,  ρ_t = π_θ(y_t)/π_behaviour(y_t)
+
+    * γ = 0: token-level OPD, ``A_t = −r_t`` (Thinking Machines' on-policy distillation / the Tinker
+      cookbook). Biased against the sequence-level gradient for T ≥ 2, low variance (worst case O(T²)).
+    * γ = 1: the causal sequence-level estimator. With samples from π_θ, ``E[Σ_t −A_t ∇log π_θ(y_t)] =
+      ∇ KL(π_θ(y_{1:T}) ‖ q(y_{1:T}))`` exactly — unbiased, variance worst case O(T⁴).
+    * ``clip_log_ratio=c`` clips r_t to [−c, c] before the return-to-go (a per-token modifier that
+      bounds the update where teacher and student disagree wildly).
+
+    The loss is a per-token mean (see the module docstring): its gradient equals the sequence-level
+    gradient above divided by N. Shapes: student_logp_BT (B, T) with grad, teacher_logp_BT (B, T),
+    behaviour_logp_BT (B, T) or None, mask_BT (B, T).
+    """
+    gamma = _check_unit_interval("gamma", gamma)
+    if clip_log_ratio is not None and not (clip_log_ratio > 0):
+        raise ValueError(f"clip_log_ratio must be > 0 or None, got {clip_log_ratio}")
+    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
+                     behaviour_logp_BT=behaviour_logp_BT)
+    _check_same_shape("student_logp_BT", student_logp_BT, "teacher_logp_BT", teacher_logp_BT)
+    log_ratio = student_logp_BT.detach().float() - teacher_logp_BT.float().clamp(min=LOGP_FLOOR)
+    metrics = {"kl/reverse_sampled": _masked_mean(log_ratio, mask),
+               "opd/neg_reward_frac": _masked_mean((log_ratio > 0).float(), mask)}
+    if clip_log_ratio is not None:
+        metrics["opd/clip_frac"] = _masked_mean((log_ratio.abs() > clip_log_ratio).float(), mask)
+        log_ratio = log_ratio.clamp(-clip_log_ratio, clip_log_ratio)
+    advantages = -return_to_go(log_ratio, mask, gamma)
+    loss, pg_metrics = policy_gradient(student_logp_BT, advantages, mask,
+                                       behaviour_logp_BT=behaviour_logp_BT, num_tokens=num_tokens)
+    return loss, {**pg_metrics, **metrics}
+
+
+def sft_cross_entropy(student_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, num_tokens: float | None = None) -> tuple[torch.Tensor, Metrics]:
+    """Baseline: supervised fine-tuning, ``−(1/N) Σ_t log π_θ(y_t|c_t)`` on target tokens y (off-policy
+    when y comes from the teacher). Equals the forward KL KL(data ‖ π_θ) up to the data's entropy.
+    Shapes: student_logp_BT (B, T) with grad, mask_BT (B, T)."""
+    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT)
+    loss = -_masked_sum(student_logp_BT.float(), mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "loss/sft": _masked_mean(-student_logp_BT.float(), mask)}
+
+
+# --------------------------------------------------------------------------------------------
+# distribution-level losses (exact over the vocabulary or the teacher's top-K support)
+# --------------------------------------------------------------------------------------------
+
+
+def reverse_kl_full(
+    student_logits_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, mask_BT: torch.Tensor, *, num_tokens: float | None = None
+) -> tuple[torch.Tensor, Metrics]:
+    """Full-vocabulary reverse KL at every visited prefix (mode-seeking)::
+
+        loss = (1/N) Σ_t Σ_v π_θ(v|c_t) (log π_θ(v|c_t) − log q(v|c_t))
+
+    The single-step term of MiniLLM (Gu et al. 2024) and GKD with β = 1 (Agarwal et al. 2024). The
+    gradient flows through the student distribution at each prefix (not through the sampling of the
+    prefixes). Shapes: student_logits_BTV (B, T, V), teacher_logp_BTV (B, T, V), mask_BT (B, T).
+    """
+    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    logp = _log_probs(student_logits_BTV)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1]).clamp(min=LOGP_FLOOR)
+    kl_BT = _kl_terms(logp, logq)
+    loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/reverse_full": _masked_mean(kl_BT, mask)}
+
+
+def forward_kl_full(
+    student_logits_BTV: torch.Tensor, teacher_logp_BTV: torch.Tensor, mask_BT: torch.Tensor, *, num_tokens: float | None = None
+) -> tuple[torch.Tensor, Metrics]:
+    """Full-vocabulary forward KL at every visited prefix (mode-covering)::
+
+        loss = (1/N) Σ_t Σ_v q(v|c_t) (log q(v|c_t) − log π_θ(v|c_t))
+
+    Token-level knowledge distillation on student prefixes; GKD with β = 0 (Agarwal et al. 2024).
+    Teacher zeros contribute 0. Shapes as :func:`reverse_kl_full`.
+    """
+    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    logp = _log_probs(student_logits_BTV)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1])
+    kl_BT = _kl_terms(logq, logp)
+    loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/forward_full": _masked_mean(kl_BT, mask)}
+
+
+def generalized_jsd(
+    student_logits_BTV: torch.Tensor,
+    teacher_logp_BTV: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    beta: float,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Generalized Jensen-Shannon divergence JSD(β) of GKD (Agarwal et al. 2024, Eq. 1)::
+
+        m = β q + (1 − β) π_θ
+        JSD(β) = β KL(q ‖ m) + (1 − β) KL(π_θ ‖ m)
+
+    The limits, stated exactly: JSD(β) → 0 at both ends, but ``JSD(β)/β → KL(q ‖ π_θ)`` (forward KL)
+    as β → 0 and ``JSD(β)/(1 − β) → KL(π_θ ‖ q)`` (reverse KL) as β → 1. So that the endpoints mean
+    something, β = 0 returns the forward KL and β = 1 the reverse KL (the convention of GKD's code);
+    for 0 < β < 1 the unscaled JSD(β) is returned (its size shrinks like β(1 − β) near the ends).
+    β = 0.5 is the symmetric Jensen-Shannon divergence. Shapes as :func:`reverse_kl_full`.
+    """
+    beta = _check_unit_interval("beta", beta)
+    if beta == 0.0:
+        return forward_kl_full(student_logits_BTV, teacher_logp_BTV, mask_BT, num_tokens=num_tokens)
+    if beta == 1.0:
+        return reverse_kl_full(student_logits_BTV, teacher_logp_BTV, mask_BT, num_tokens=num_tokens)
+    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    logp = _log_probs(student_logits_BTV)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1])
+    # log m = log(β q + (1-β) π); logaddexp is much faster than stack + logsumexp on CPU
+    logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+    jsd_BT = beta * _kl_terms(logq, logm) + (1.0 - beta) * _kl_terms(logp, logm)
+    loss = _masked_sum(jsd_BT, mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/jsd": _masked_mean(jsd_BT, mask)}
+
+
+def reverse_kl_topk(
+    student_logits_BTV: torch.Tensor,
+    teacher_topk_ids_BTK: torch.Tensor,
+    teacher_topk_logp_BTK: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    sampled_ids_BT: torch.Tensor | None = None,
+    teacher_sampled_logp_BT: torch.Tensor | None = None,
+    renormalize: bool = True,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Teacher top-K local support matching: reverse KL on the teacher's top-K tokens (Fu et al. 2026, §4.1)::
+
+        S_t = top-K tokens of q(·|c_t)            (optionally ∪ {y_t}, the student's sampled token)
+        π_S(v) = π_θ(v|c_t) / Σ_{u∈S_t} π_θ(u|c_t),   q_S likewise
+        loss = (1/N) Σ_t Σ_{v∈S_t} π_S(v) (log π_S(v) − log q_S(v))
+
+    Renormalising both distributions inside S_t is what makes this a divergence; without it
+    (``renormalize=False``, kept for the ablation) the student can lower the loss by moving mass out of
+    S_t, and training collapses (Fu et al. 2026, Table 3). With K = V it equals :func:`reverse_kl_full`.
+    K = 1 is rejected when renormalising: both renormalised distributions are then 1 on the single token,
+    so the loss and its gradient are identically zero.
+
+    Shapes: student_logits_BTV (B, T, V); teacher_topk_ids_BTK (B, T, K) int; teacher_topk_logp_BTK
+    (B, T, K) = log q(v|c_t) over the full vocabulary; sampled_ids_BT and teacher_sampled_logp_BT (B, T),
+    both given to add y_t to the support (a token already in the top-K is not counted twice).
+    """
+    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_topk_ids_BTK=teacher_topk_ids_BTK,
+                     sampled_ids_BT=sampled_ids_BT, teacher_sampled_logp_BT=teacher_sampled_logp_BT)
+    _check_same_shape("teacher_topk_ids_BTK", teacher_topk_ids_BTK, "teacher_topk_logp_BTK", teacher_topk_logp_BTK)
+    V, K = student_logits_BTV.shape[-1], teacher_topk_ids_BTK.shape[-1]
+    if not (1 <= K <= V):
+        raise ValueError(f"top-K support size K must satisfy 1 <= K <= V={V}, got K={K}")
+    if K == 1 and renormalize:
+        raise ValueError("K=1 is degenerate with renormalisation (the loss is identically 0); use K >= 2")
+    if (sampled_ids_BT is None) != (teacher_sampled_logp_BT is None):
+        raise ValueError("pass both sampled_ids_BT and teacher_sampled_logp_BT to add the sampled token, or neither")
+
+    logp = _log_probs(student_logits_BTV)
+    ids = teacher_topk_ids_BTK.long()
+    if ids.numel() and (ids.min() < 0 or ids.max() >= V):
+        raise ValueError(f"teacher_topk_ids_BTK holds ids outside [0, {V})")
+    logq_k = teacher_topk_logp_BTK.float().clamp(min=LOGP_FLOOR)
+    valid_k = torch.ones_like(ids, dtype=torch.bool)
+    if sampled_ids_BT is not None:
+        y = sampled_ids_BT.long().unsqueeze(-1)
+        already = (ids == y).any(-1, keepdim=True)
+        ids = torch.cat([ids, y], dim=-1)
+        logq_k = torch.cat([logq_k, teacher_sampled_logp_BT.float().clamp(min=LOGP_FLOOR).unsqueeze(-1)], dim=-1)
+        valid_k = torch.cat([valid_k, ~already], dim=-1)
+    neg_inf = torch.tensor(float("-inf"), device=logp.device)
+    logp_k = torch.where(valid_k, logp.gather(-1, ids), neg_inf)
+    logq_k = torch.where(valid_k, logq_k, neg_inf)
+    student_mass = torch.logsumexp(logp_k, -1).exp()
+    teacher_mass = torch.logsumexp(logq_k, -1).exp()
+    if renormalize:
+        logp_k = logp_k - torch.logsumexp(logp_k, -1, keepdim=True)
+        logq_k = logq_k - torch.logsumexp(logq_k, -1, keepdim=True)
+    kl_BT = _kl_terms(logp_k, logq_k)
+    loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/reverse_topk": _masked_mean(kl_BT, mask),
+                  "student/topk_mass": _masked_mean(student_mass, mask),
+                  "teacher/topk_mass": _masked_mean(teacher_mass, mask)}
+
+
+def entropy_aware_kl(
+    student_logits_BTV: torch.Tensor,
+    teacher_logp_BTV: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    entropy_threshold: float = 1.0,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Entropy-aware OPD (Jin et al. 2026, arXiv:2603.07079): reverse KL everywhere, plus forward KL
+    where the teacher is uncertain::
+
+        H_t = −Σ_v q(v|c_t) log q(v|c_t)
+        loss = (1/N) Σ_t [ KL(π_θ ‖ q)_t + 1[H_t > τ] · KL(q ‖ π_θ)_t ]
+
+    Reverse KL alone is mode-seeking and collapses the student's diversity where the teacher spreads its
+    mass; the forward term keeps the student covering those tokens, while low-entropy positions keep
+    precise reverse-KL imitation. τ = ``entropy_threshold`` in nats (0 adds forward KL everywhere,
+    ``inf`` never). Shapes as :func:`reverse_kl_full`.
+    """
+    if not (entropy_threshold >= 0):
+        raise ValueError(f"entropy_threshold must be >= 0 nats, got {entropy_threshold}")
+    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    logp = _log_probs(student_logits_BTV)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1])
+    entropy_BT = _entropy(logq)
+    high_BT = entropy_BT > entropy_threshold
+    rkl_BT = _kl_terms(logp, logq.clamp(min=LOGP_FLOOR))
+    fkl_BT = _kl_terms(logq, logp)
+    per_token = rkl_BT + torch.where(high_BT, fkl_BT, torch.zeros((), device=fkl_BT.device))
+    loss = _masked_sum(per_token, mask) / _denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/reverse_full": _masked_mean(rkl_BT, mask),
+                  "kl/forward_full": _masked_mean(fkl_BT, mask), "teacher/entropy": _masked_mean(entropy_BT, mask),
+                  "opd/high_entropy_frac": _masked_mean(high_BT.float(), mask)}
