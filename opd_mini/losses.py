@@ -79,18 +79,29 @@ def _check_unit_interval(name: str, value: float) -> float:
 
 
 def _check_bt(mask_BT: torch.Tensor, **tensors: torch.Tensor | None) -> torch.Tensor:
-    """Check every tensor starts with the mask's (B, T) shape; return the mask as bool."""
+    """Check the inputs' shapes against the mask's (B, T); return the mask as bool.
+
+    Names ending in ``_BT`` must be exactly (B, T); names ending in ``_BTV``/``_BTK`` must be 3-d with
+    (B, T) leading. A wrong shape is a ValueError, never a silent broadcast.
+    """
     if mask_BT.dim() != 2:
         raise ValueError(f"mask_BT must have shape (B, T), got {tuple(mask_BT.shape)}")
+    BT = tuple(mask_BT.shape)
     for name, t in tensors.items():
         if t is None:
             continue
-        if tuple(t.shape[:2]) != tuple(mask_BT.shape):
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but mask_BT has shape {tuple(mask_BT.shape)}: "
-                f"the first two dimensions (B, T) must match"
-            )
+        ok = tuple(t.shape) == BT if name.endswith("_BT") else (t.dim() == 3 and tuple(t.shape[:2]) == BT)
+        if not ok:
+            want = "(B, T)" if name.endswith("_BT") else "(B, T, V)" if name.endswith("_BTV") else "(B, T, K)"
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but mask_BT has shape {BT}: {name} must be {want} and its (B, T) must match")
     return mask_BT.bool()
+
+
+def _fill_masked(x: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Replace masked-out positions of a (B, T) or (B, T, ·) tensor by a finite value *before* any
+    arithmetic, so NaN/inf there can reach neither the loss nor (through 0 · NaN) its gradient."""
+    m = mask.view(mask.shape + (1,) * (x.dim() - mask.dim()))
+    return torch.where(m, x, torch.as_tensor(value, dtype=x.dtype, device=x.device))
 
 
 def _check_same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
@@ -117,8 +128,8 @@ def _masked_mean(x_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (_masked_sum(x_BT.detach().float(), mask) / mask.sum().clamp(min=1)).detach()
 
 
-def _log_probs(logits_BTV: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits_BTV.float(), dim=-1)
+def _log_probs(logits_BTV: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(_fill_masked(logits_BTV.float(), mask), dim=-1)
 
 
 def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
@@ -133,13 +144,14 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, logp, torch.zeros((), device=logp.device))).sum(-1)
 
 
-def _teacher_full(teacher_logp_BTV: torch.Tensor, V: int) -> torch.Tensor:
+def _teacher_full(teacher_logp_BTV: torch.Tensor, V: int, mask: torch.Tensor) -> torch.Tensor:
     if teacher_logp_BTV.shape[-1] != V:
         raise ValueError(
             f"teacher_logp_BTV has vocabulary size {teacher_logp_BTV.shape[-1]} but the student has {V}: "
             "student and teacher must share a vocabulary (trim padded embedding rows to the tokenizer length)"
         )
-    return teacher_logp_BTV.float()
+    # masked-out rows become the uniform log-prob -log V: finite, and never read
+    return _fill_masked(teacher_logp_BTV.float(), mask, -math.log(V))
 
 
 def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
@@ -151,6 +163,8 @@ def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.T
         raise ValueError(
             f"logits_BTV has shape {tuple(logits_BTV.shape)} but tokens_BT has shape {tuple(tokens_BT.shape)}"
         )
+    if tokens_BT.numel() and (tokens_BT.min() < 0 or tokens_BT.max() >= logits_BTV.shape[-1]):
+        raise ValueError(f"tokens_BT holds ids outside [0, {logits_BTV.shape[-1]}); replace padding ids (e.g. -100) by a valid id and mask them")
     logits = logits_BTV.float()
     picked = logits.gather(-1, tokens_BT.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -255,10 +269,10 @@ def policy_gradient(
         advantages_BT = advantages_BT.unsqueeze(1).expand(-1, student_logp_BT.shape[1])
     mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, advantages_BT=advantages_BT,
                      behaviour_logp_BT=behaviour_logp_BT)
-    logp = student_logp_BT.float()
-    reference = logp.detach() if behaviour_logp_BT is None else behaviour_logp_BT.float()
+    logp = _fill_masked(student_logp_BT.float(), mask)
+    reference = logp.detach() if behaviour_logp_BT is None else _fill_masked(behaviour_logp_BT.float(), mask)
     ratio = torch.exp(logp - reference)
-    adv = advantages_BT.detach().float()
+    adv = _fill_masked(advantages_BT.detach().float(), mask)
     loss = -_masked_sum(ratio * adv, mask) / _denominator(mask, num_tokens)
     return loss, {"loss/total": loss.detach(), "pg/ratio_mean": _masked_mean(ratio, mask),
                   "opd/advantage_mean": _masked_mean(adv, mask)}
@@ -299,7 +313,7 @@ def reverse_kl_sampled_token(
     mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
                      behaviour_logp_BT=behaviour_logp_BT)
     _check_same_shape("student_logp_BT", student_logp_BT, "teacher_logp_BT", teacher_logp_BT)
-    log_ratio = student_logp_BT.detach().float() - teacher_logp_BT.float().clamp(min=LOGP_FLOOR)
+    log_ratio = _fill_masked(student_logp_BT.detach().float() - teacher_logp_BT.float().clamp(min=LOGP_FLOOR), mask)
     metrics = {"kl/reverse_sampled": _masked_mean(log_ratio, mask),
                "opd/neg_reward_frac": _masked_mean((log_ratio > 0).float(), mask)}
     if clip_log_ratio is not None:
@@ -337,8 +351,8 @@ def reverse_kl_full(
     prefixes). Shapes: student_logits_BTV (B, T, V), teacher_logp_BTV (B, T, V), mask_BT (B, T).
     """
     mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1]).clamp(min=LOGP_FLOOR)
+    logp = _log_probs(student_logits_BTV, mask)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask).clamp(min=LOGP_FLOOR)
     kl_BT = _kl_terms(logp, logq)
     loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
     return loss, {"loss/total": loss.detach(), "kl/reverse_full": _masked_mean(kl_BT, mask)}
@@ -355,8 +369,8 @@ def forward_kl_full(
     Teacher zeros contribute 0. Shapes as :func:`reverse_kl_full`.
     """
     mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1])
+    logp = _log_probs(student_logits_BTV, mask)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
     kl_BT = _kl_terms(logq, logp)
     loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
     return loss, {"loss/total": loss.detach(), "kl/forward_full": _masked_mean(kl_BT, mask)}
@@ -387,8 +401,8 @@ def generalized_jsd(
     if beta == 1.0:
         return reverse_kl_full(student_logits_BTV, teacher_logp_BTV, mask_BT, num_tokens=num_tokens)
     mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1])
+    logp = _log_probs(student_logits_BTV, mask)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
     # log m = log(β q + (1-β) π); logaddexp is much faster than stack + logsumexp on CPU
     logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
     jsd_BT = beta * _kl_terms(logq, logm) + (1.0 - beta) * _kl_terms(logp, logm)
@@ -434,17 +448,19 @@ def reverse_kl_topk(
     if (sampled_ids_BT is None) != (teacher_sampled_logp_BT is None):
         raise ValueError("pass both sampled_ids_BT and teacher_sampled_logp_BT to add the sampled token, or neither")
 
-    logp = _log_probs(student_logits_BTV)
+    logp = _log_probs(student_logits_BTV, mask)
     ids = teacher_topk_ids_BTK.long()
     if ids.numel() and (ids.min() < 0 or ids.max() >= V):
         raise ValueError(f"teacher_topk_ids_BTK holds ids outside [0, {V})")
-    logq_k = teacher_topk_logp_BTK.float().clamp(min=LOGP_FLOOR)
+    logq_k = _fill_masked(teacher_topk_logp_BTK.float(), mask).clamp(min=LOGP_FLOOR)
     valid_k = torch.ones_like(ids, dtype=torch.bool)
     if sampled_ids_BT is not None:
+        if sampled_ids_BT.numel() and (sampled_ids_BT.min() < 0 or sampled_ids_BT.max() >= V):
+            raise ValueError(f"sampled_ids_BT holds ids outside [0, {V}); replace padding ids by a valid id and mask them")
         y = sampled_ids_BT.long().unsqueeze(-1)
         already = (ids == y).any(-1, keepdim=True)
         ids = torch.cat([ids, y], dim=-1)
-        logq_k = torch.cat([logq_k, teacher_sampled_logp_BT.float().clamp(min=LOGP_FLOOR).unsqueeze(-1)], dim=-1)
+        logq_k = torch.cat([logq_k, _fill_masked(teacher_sampled_logp_BT.float(), mask).clamp(min=LOGP_FLOOR).unsqueeze(-1)], dim=-1)
         valid_k = torch.cat([valid_k, ~already], dim=-1)
     neg_inf = torch.tensor(float("-inf"), device=logp.device)
     logp_k = torch.where(valid_k, logp.gather(-1, ids), neg_inf)
@@ -483,8 +499,8 @@ def entropy_aware_kl(
     if not (entropy_threshold >= 0):
         raise ValueError(f"entropy_threshold must be >= 0 nats, got {entropy_threshold}")
     mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1])
+    logp = _log_probs(student_logits_BTV, mask)
+    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
     entropy_BT = _entropy(logq)
     high_BT = entropy_BT > entropy_threshold
     rkl_BT = _kl_terms(logp, logq.clamp(min=LOGP_FLOOR))
