@@ -46,15 +46,15 @@ LOGP_FLOOR = -100.0
 METRIC_DOCS: dict[str, str] = {
     "loss/total": "the scalar that was back-propagated (per-token mean over the mask)",
     "kl/reverse_sampled": "mean over tokens of r_t = log π_θ(y_t) − log q(y_t): the one-sample estimate "
-    "of the per-token reverse KL on the student's own tokens",
+    "of the per-token reverse KL on the student's own tokens (before any clipping)",
     "kl/reverse_full": "mean over tokens of the exact reverse KL Σ_v π_θ(v)(log π_θ(v) − log q(v))",
     "kl/forward_full": "mean over tokens of the exact forward KL Σ_v q(v)(log q(v) − log π_θ(v))",
     "kl/jsd": "mean over tokens of the generalized Jensen-Shannon divergence JSD(β)",
     "kl/reverse_topk": "mean over tokens of the reverse KL inside the teacher's top-K support",
     "opd/neg_reward_frac": "fraction of tokens whose sampled-token reward −r_t is negative (the student "
-    "likes y_t more than the teacher): the 'imbalanced signal' of Fu et al. 2026",
+    "likes y_t more than the teacher): the 'imbalanced signal' of Fu et al. 2026 (before clipping)",
     "opd/clip_frac": "fraction of tokens whose log-ratio r_t was clipped",
-    "opd/advantage_mean": "mean per-token advantage used in the policy-gradient loss",
+    "opd/advantage_mean": "mean per-token advantage used in the policy-gradient loss (after clipping and the return-to-go)",
     "opd/high_entropy_frac": "fraction of tokens where the teacher's entropy exceeds the threshold "
     "(where entropy-aware OPD adds forward KL)",
     "student/topk_mass": "student probability mass inside the teacher's top-K support",
