@@ -1,0 +1,168 @@
+"""Claims of the bias/variance reproduction (Fu et al. 2026, §3.1) in the exact toy world, on fixed seeds.
+
+Gradients are on the sequence scale: T × the gradient of the per-token-mean loss of one sequence, so
+the γ = 1 estimator's mean is ∇ KL(π(y_1:T) ‖ q(y_1:T)) itself.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import toy.__main__ as toy_main
+from toy.bias_variance import Config, estimator_moments, exact_gradient, make_pair, per_sequence_gradients
+from toy.world import sample, sequence_kl
+
+GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CFG = Config(V=3, Ts=(1, 2, 3, 4, 5), P=2, seed=0)
+SPECS = [("sampled_token", g) for g in GAMMAS] + [("full", None)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def moments():
+    """{T: (exact gradient (P, S, V), {spec: moments})} for every horizon of CFG, by enumeration."""
+    torch.set_num_threads(1)
+    out = {}
+    for T in CFG.Ts:
+        teacher, student = make_pair(CFG, T)
+        out[T] = (exact_gradient(student, teacher).double(), estimator_moments(student, teacher, SPECS))
+    return out
+
+
+def rel_bias(moments, T, spec):
+    grad, m = moments[T]
+    return float((m[spec]["mean_PSV"] - grad).norm() / grad.norm())
+
+
+def test_gamma_one_is_unbiased(moments):
+    for T in CFG.Ts:
+        assert rel_bias(moments, T, ("sampled_token", 1.0)) < 1e-5, T
+
+
+def test_gamma_zero_is_biased_for_T_at_least_two(moments):
+    assert rel_bias(moments, 1, ("sampled_token", 0.0)) < 1e-5  # one token: all γ coincide
+    for T in CFG.Ts[1:]:
+        assert rel_bias(moments, T, ("sampled_token", 0.0)) > 0.05, T
+
+
+def test_bias_decreases_to_zero_as_gamma_rises(moments):
+    for T in CFG.Ts[1:]:
+        biases = [rel_bias(moments, T, ("sampled_token", g)) for g in GAMMAS]
+        assert all(a > b for a, b in zip(biases, biases[1:])), (T, biases)
+
+
+def test_variance_non_decreasing_in_gamma(moments):
+    for T in CFG.Ts:
+        var = [moments[T][1][("sampled_token", g)]["variance"] for g in GAMMAS]
+        assert all(b >= a * (1 - 1e-6) for a, b in zip(var, var[1:])), (T, var)
+
+
+def test_variance_ratio_grows_with_T(moments):
+    ratio = [moments[T][1][("sampled_token", 1.0)]["variance"] / moments[T][1][("sampled_token", 0.0)]["variance"]
+             for T in CFG.Ts]
+    assert abs(ratio[0] - 1) < 1e-5
+    assert all(b > a for a, b in zip(ratio, ratio[1:])), ratio
+
+
+def test_full_reverse_kl_is_rao_blackwellised_gamma_zero(moments):
+    """Same mean as token-level OPD (γ = 0), never more variance."""
+    for T in CFG.Ts:
+        m = moments[T][1]
+        torch.testing.assert_close(m[("full", None)]["mean_PSV"], m[("sampled_token", 0.0)]["mean_PSV"],
+                                   rtol=1e-5, atol=1e-7)
+        assert m[("full", None)]["variance"] <= m[("sampled_token", 0.0)]["variance"] + 1e-9
+
+
+def test_exact_moments_agree_with_monte_carlo(moments):
+    """Mean (projected on a random direction) and second moment of g, and the sequence KL itself, by
+    Monte Carlo within 4 standard errors of the exact values."""
+    T, M = 4, 20_000
+    teacher, student = make_pair(CFG, T)
+    w = student.world
+    g = torch.Generator().manual_seed(123)
+    u_PSV = torch.randn(w.P, w.num_states, w.V, generator=g, dtype=torch.float64)
+    prompts_M = torch.randint(w.P, (M,), generator=g)
+    tokens_MT = sample(student, prompts_M, g)
+    states_MT = w.state_index(tokens_MT)
+    grad, exact = moments[T]
+    for gamma in (0.0, 1.0):
+        g_MTV = per_sequence_gradients(student, teacher, prompts_M, tokens_MT, "sampled_token", gamma).double()
+        proj_M = (g_MTV * u_PSV[prompts_M.unsqueeze(1), states_MT]).sum((1, 2))
+        sq_M = g_MTV.pow(2).sum((1, 2))
+        m = exact[("sampled_token", gamma)]
+        exact_proj = float((m["mean_PSV"] * u_PSV).sum())
+        exact_sq = m["variance"] + float(m["mean_PSV"].pow(2).sum())
+        for samples, target in ((proj_M, exact_proj), (sq_M, exact_sq)):
+            se = float(samples.std() / M ** 0.5)
+            assert abs(float(samples.mean()) - target) < 4 * se, (gamma, float(samples.mean()), target, se)
+    # the sequence KL: E_π[Σ_t r_t]
+    with torch.no_grad():
+        r_M = (torch.log_softmax(student.logits(prompts_M, tokens_MT), -1) - torch.log_softmax(teacher.logits(prompts_M, tokens_MT), -1)
+               ).gather(-1, tokens_MT.unsqueeze(-1)).squeeze(-1).sum(-1).double()
+    kl = float(sequence_kl(student, teacher).detach())
+    assert abs(float(r_M.mean()) - kl) < 4 * float(r_M.std() / M ** 0.5)
+    # and the Monte Carlo route of estimator_moments
+    mc = estimator_moments(student, teacher, [("sampled_token", 1.0)], method="mc", num_samples=M,
+                           generator=torch.Generator().manual_seed(5))[("sampled_token", 1.0)]
+    assert abs(mc["variance"] / exact[("sampled_token", 1.0)]["variance"] - 1) < 0.1
+
+
+def check_schema(path):
+    data = json.loads(path.read_text())
+    assert {"estimators", "training", "config"} <= set(data)
+    for row in data["estimators"]:
+        assert {"gamma", "T", "bias_norm", "variance", "exact_grad_norm", "method"} <= set(row)
+        assert row["method"] in ("exact", "mc")
+    for row in data["training"]:
+        assert {"gamma", "seed", "step", "exact_kl"} <= set(row)
+    return data
+
+
+def test_cli_fast_writes_json_and_figure(tmp_path, capsys):
+    out = tmp_path / "bv"
+    result = toy_main.main(["bias-variance", "--fast", "--no-progress", "--out", str(out)])
+    data = check_schema(out / "bias_variance.json")
+    assert (out / "bias_variance.png").stat().st_size > 10_000
+    assert {r["gamma"] for r in data["estimators"]} == set(GAMMAS)
+    assert data["config"]["fast"] is True
+    printed = capsys.readouterr().out
+    assert "wall time" in printed and "bias" in printed
+    # γ = 0 training lowers the exact KL at every learning rate
+    for lr in data["config"]["lrs"]:
+        kl = {r["step"]: r["exact_kl"] for r in data["training"] if r["gamma"] == 0.0 and r["seed"] == 0 and r["lr"] == lr}
+        assert kl[max(kl)] < kl[0]
+    assert result["bias-variance"]["figures"]
+
+
+def test_runner_skips_only_missing_modules(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(toy_main, "EXPERIMENTS", {"bias-variance": "toy.bias_variance", "nope": "toy._no_such_module"})
+    real_defaults = toy_main.defaults_for
+
+    def fast_defaults(module, out):
+        args = real_defaults(module, out)
+        args.fast, args.no_progress = True, True
+        return args
+
+    monkeypatch.setattr(toy_main, "defaults_for", fast_defaults)
+    results = toy_main.main(["--out", str(tmp_path)])
+    assert set(results) == {"bias-variance"}
+    printed = capsys.readouterr().out
+    assert "nope: not available" in printed and "bias_variance.png" in printed
+    check_schema(tmp_path / "bias_variance.json")
+
+    # an ImportError raised inside an existing experiment module is not swallowed
+    (tmp_path / "broken_experiment.py").write_text("import a_package_that_does_not_exist\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(toy_main, "EXPERIMENTS", {"broken": "broken_experiment"})
+    sys.modules.pop("broken_experiment", None)
+    with pytest.raises(ModuleNotFoundError):
+        toy_main.load_experiment("broken")

@@ -1,0 +1,448 @@
+"""Bias and variance of OPD gradient estimators against the exact sequence-level reverse-KL gradient.
+
+Reproduces Fu et al. 2026 ("Revisiting On-Policy Distillation", §3.1, App. B-C) in the exact
+tabular world of :mod:`toy.world`. With the per-token log-ratio on a student sample
+``r_t = log π(y_t|c_t) − log q(y_t|c_t)`` and the discounted return-to-go
+``G_t^γ = Σ_{t'≥t} γ^(t'−t) r_t'``, the single-sequence estimator is::
+
+    g^γ(y) = Σ_t G_t^γ ∇_θ log π(y_t | c_t),          y ∼ π(·|p)
+
+γ = 1 is unbiased for ``∇_θ KL(π(y_1:T) ‖ q(y_1:T))``; γ = 0 is token-level OPD.
+
+How g is computed: from :func:`opd_mini.losses.reverse_kl_sampled_token`, fed exactly as the
+transformer loop feeds it (student log-probs from ``losses.token_logprobs(student.logits(...))``,
+teacher log-probs, an all-ones mask). That loss is a per-token mean, so its gradient on one sequence
+is ``g / T``; we multiply by T, so every number here is on the *sequence* scale (E g^1 = ∇ KL_seq).
+For a batch of B sequences, ``T · ∇loss_batch = (1/B) Σ_b g(y_b)``, whose variance is the
+single-sequence variance / B.
+
+The student is a :class:`toy.world.TablePolicy` (θ = the logit table), so the per-sequence gradient
+with respect to θ is the gradient of the loss with respect to the logits of each position,
+scattered into that position's prefix state. Each position of a sequence is a different state, so
+``‖g(y)‖² = Σ_t ‖∂/∂logits_t‖²`` and no per-sample Jacobian is needed. Then, exactly by enumeration
+(weight π(y|p)/P on each (prompt, sequence)) or by Monte Carlo when V^T is too large::
+
+    bias_norm      = ‖E g − ∇ KL_seq‖          (∇ KL_seq by autograd through the exact DP value)
+    variance       = E ‖g − E g‖²              (total variance, trace of the covariance, one sequence)
+    exact_grad_norm = ‖∇ KL_seq‖
+
+Besides the γ family, two distribution-level losses are measured on the same scale:
+``reverse_kl_full`` (per-token reverse KL over the whole vocabulary on the sampled prefixes — the
+Rao-Blackwellised γ = 0: same mean, lower variance) and ``reverse_kl_topk`` (teacher top-K support).
+
+Training: the student is trained with each γ from the same initial table (same optimizer, learning
+rate, steps, batch; seeds change the samples only) at each learning rate in ``Config.lrs``, and the
+exact sequence KL is recorded along the way (training records carry an extra "lr" key).
+
+``python -m toy bias-variance --out DIR`` prints the table and the wall time, saves
+``DIR/bias_variance.png`` and writes ``DIR/bias_variance.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from opd_mini import losses
+from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, random_table, sample, sequence_kl
+
+ESTIMATORS = ("sampled_token", "full", "topk")
+
+
+@dataclass
+class Config:
+    """Settings of the bias/variance reproduction (every field is a command-line option)."""
+
+    V: int = 4
+    """vocabulary size"""
+    Ts: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 10)
+    """horizons T at which the estimators are measured"""
+    gammas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """discounts γ of the return-to-go estimator"""
+    P: int = 1
+    """number of prompts (uniform prompt distribution)"""
+    teacher_scale: float = 1.0
+    """teacher logits are i.i.d. N(0, teacher_scale²) at every prefix"""
+    student_scale: float = 1.0
+    """initial student logits are i.i.d. N(0, student_scale²), independent of the teacher"""
+    topk: int = 2
+    """K of the teacher top-K estimator (reverse_kl_topk, renormalised)"""
+    seed: int = 0
+    """seed of the teacher and the initial student"""
+    enum_limit: int = 300_000
+    """enumerate exactly when P · V^T is at most this; otherwise Monte Carlo (V=4: T ≤ 9 exact)"""
+    mc_samples: int = 50_000
+    """sequences per Monte Carlo estimate (only for T beyond enum_limit)"""
+    batch_size: int = 16
+    """sequences per training step"""
+    train_T: int = 6
+    """horizon of the training runs"""
+    train_steps: int = 300
+    """optimizer steps per training run"""
+    lrs: tuple[float, ...] = (1.0, 30.0)
+    """learning rates; every γ is trained at each of them (a small step, where bias matters most, and a
+    large one, where variance does)"""
+    optimizer: str = "sgd"
+    """'sgd' (plain SGD on the per-token-mean loss) or 'adam'"""
+    train_seeds: int = 3
+    """sampling seeds per γ"""
+    eval_every: int = 10
+    """steps between exact-KL evaluations"""
+    threads: int = 1
+    """torch CPU threads while running: the tensors are tiny, and on a shared 2-core machine one thread
+    was 3-30× faster than two (thread start-up and contention dominate)"""
+    fast: bool = False
+    """small settings for tests (overrides the sizes above)"""
+
+    def apply_fast(self) -> "Config":
+        if self.fast:
+            self.V, self.Ts, self.enum_limit, self.mc_samples = 3, (1, 2, 3, 4), 2_000_000, 4_000
+            self.train_T, self.train_steps, self.train_seeds, self.eval_every = 3, 40, 2, 10
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# per-sequence gradients of the estimators
+# --------------------------------------------------------------------------------------------
+
+
+def per_sequence_gradients(student: TablePolicy, teacher: TablePolicy, prompts_N: torch.Tensor, tokens_NT: torch.Tensor,
+                           estimator: str = "sampled_token", gamma: float | None = 0.0, topk: int = 2) -> torch.Tensor:
+    """Sequence-scale gradient of an estimator for each sequence, with respect to the student's logits
+    at each position: ``g_NTV[n, t] = T · ∂ loss(y_n) / ∂ logits(p_n, c_t(y_n))``, shape (N, T, V).
+
+    The loss is one of ``opd_mini.losses`` evaluated on the batch with ``num_tokens=T``, so the batch
+    loss is the *sum* of the one-sequence losses and the gradient of each sequence's logits is that
+    sequence's own. For a table student, ``g_NTV[n, t]`` is the gradient with respect to
+    ``table_PSV[p_n, s_t(y_n)]``.
+    """
+    T = tokens_NT.shape[1]
+    logits_NTV = student.logits(prompts_N, tokens_NT).detach().requires_grad_(True)
+    with torch.no_grad():
+        teacher_logp_NTV = torch.log_softmax(teacher.logits(prompts_N, tokens_NT).float(), dim=-1)
+    mask_NT = torch.ones_like(tokens_NT, dtype=torch.bool)
+    if estimator == "sampled_token":
+        student_logp_NT = losses.token_logprobs(logits_NTV, tokens_NT)
+        teacher_logp_NT = losses.token_logprobs(teacher_logp_NTV, tokens_NT)
+        loss, _ = losses.reverse_kl_sampled_token(student_logp_NT, teacher_logp_NT, mask_NT, gamma=gamma, num_tokens=T)
+    elif estimator == "full":
+        loss, _ = losses.reverse_kl_full(logits_NTV, teacher_logp_NTV, mask_NT, num_tokens=T)
+    elif estimator == "topk":
+        topk_logp_NTK, topk_ids_NTK = teacher_logp_NTV.topk(topk, dim=-1)
+        loss, _ = losses.reverse_kl_topk(logits_NTV, topk_ids_NTK, topk_logp_NTK, mask_NT, num_tokens=T)
+    else:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    (grad_NTV,) = torch.autograd.grad(loss, logits_NTV)
+    return grad_NTV * T
+
+
+def exact_gradient(student: TablePolicy, teacher: TablePolicy) -> torch.Tensor:
+    """∇_θ KL(π(y_1:T) ‖ q(y_1:T)) (averaged over prompts) by autograd through the exact DP value, (P, S, V)."""
+    kl = sequence_kl(student, teacher, method="dp")
+    (grad,) = torch.autograd.grad(kl, student.table_PSV)
+    return grad
+
+
+def estimator_moments(student: TablePolicy, teacher: TablePolicy, specs: list[tuple[str, float]], *, topk: int = 2,
+                      method: str = "exact", num_samples: int = 50_000, generator: torch.Generator | None = None,
+                      batch_size: int = ENUM_BATCH, progress: bool = False) -> dict[tuple[str, float], dict]:
+    """Mean and total variance of each estimator ``(name, gamma)`` in ``specs``.
+
+    ``method="exact"``: enumerate every (prompt, sequence), weight π(y|p)/P. ``method="mc"``: draw
+    ``num_samples`` sequences from the student, weight 1/M; the variance is then the unbiased
+    sample estimate and the mean carries noise of variance ``variance / M``.
+
+    Returns ``{spec: {"mean_PSV": (P, S, V) float64, "variance": float, "num": int}}``.
+    """
+    w = student.world
+    sums = {spec: torch.zeros(w.P, w.num_states, w.V, dtype=torch.float64) for spec in specs}
+    sq = {spec: 0.0 for spec in specs}
+
+    def chunks():
+        if method == "exact":
+            for p in range(w.P):
+                for _, tok in w.iter_sequences(batch_size):
+                    prompts_N = torch.full((len(tok),), p, dtype=torch.long)
+                    with torch.no_grad():
+                        logp_N = losses.token_logprobs(student.logits(prompts_N, tok), tok).sum(-1)
+                    yield prompts_N, tok, logp_N.double().exp() / w.P
+        elif method == "mc":
+            done = 0
+            while done < num_samples:
+                n = min(batch_size, num_samples - done)
+                prompts_N = torch.randint(w.P, (n,), generator=generator)
+                yield prompts_N, sample(student, prompts_N, generator), torch.full((n,), 1.0 / num_samples, dtype=torch.float64)
+                done += n
+        else:
+            raise ValueError(f"method must be 'exact' or 'mc', got {method!r}")
+
+    total = w.P * w.num_sequences if method == "exact" else num_samples
+    bar = tqdm(total=total, desc=f"moments T={w.T} ({method})", disable=not progress, leave=False, unit="seq")
+    for prompts_N, tok, weight_N in chunks():
+        states_NT = w.state_index(tok)
+        p_NT = prompts_N.unsqueeze(1).expand_as(states_NT)
+        for spec in specs:
+            g_NTV = per_sequence_gradients(student, teacher, prompts_N, tok, spec[0], spec[1], topk).double()
+            sums[spec].index_put_((p_NT, states_NT), weight_N[:, None, None] * g_NTV, accumulate=True)
+            sq[spec] += float((weight_N * g_NTV.pow(2).sum((1, 2))).sum())  # positions are distinct states
+        bar.update(len(tok))
+    bar.close()
+
+    out = {}
+    for spec in specs:
+        mean = sums[spec]
+        var = sq[spec] - float(mean.pow(2).sum())
+        if method == "mc":
+            var *= num_samples / (num_samples - 1)
+        out[spec] = {"mean_PSV": mean, "variance": max(var, 0.0), "num": total}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the experiment
+# --------------------------------------------------------------------------------------------
+
+
+def make_pair(cfg: Config, T: int) -> tuple[TablePolicy, TablePolicy]:
+    """Teacher and initial student of horizon T. Both are drawn once at the largest horizon and cut to
+    T (states are numbered by prefix length), so the world at T is the first T steps of the world at
+    any larger horizon."""
+    T_max = max(max(cfg.Ts), cfg.train_T)
+    big = World(cfg.V, T_max, cfg.P)
+    g = torch.Generator().manual_seed(cfg.seed)
+    teacher_big = random_table(big, cfg.teacher_scale, g)
+    student_big = random_table(big, cfg.student_scale, g)
+    w = World(cfg.V, T, cfg.P)
+    S = w.num_states
+    return TablePolicy(w, teacher_big.table_PSV.data[:, :S]), TablePolicy(w, student_big.table_PSV.data[:, :S])
+
+
+def measure_estimators(cfg: Config, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Rows for the γ family ("estimators") and for the distribution-level losses ("other_estimators")."""
+    specs = [("sampled_token", g) for g in cfg.gammas] + [("full", None), ("topk", None)]
+    rows, other = [], []
+    for T in tqdm(cfg.Ts, desc="horizons", disable=not progress):
+        teacher, student = make_pair(cfg, T)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        grad = exact_gradient(student, teacher).double()
+        method = "exact" if can_enumerate(student.world, limit=cfg.enum_limit) else "mc"
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 + T)
+        moments = estimator_moments(student, teacher, specs, topk=cfg.topk, method=method,
+                                    num_samples=cfg.mc_samples, generator=gen, progress=progress)
+        for (name, gamma), m in moments.items():
+            err2 = float((m["mean_PSV"] - grad).pow(2).sum())
+            if method == "mc":  # remove the mean's own sampling noise E‖ḡ − E g‖² = variance / M
+                err2 = max(err2 - m["variance"] / m["num"], 0.0)
+            row = {"T": T, "bias_norm": math.sqrt(err2), "variance": m["variance"],
+                   "exact_grad_norm": float(grad.norm()), "method": method}
+            if name == "sampled_token":
+                rows.append({"gamma": gamma, **row})
+            else:
+                other.append({"estimator": name if name == "full" else f"top{cfg.topk}", **row})
+    return rows, other
+
+
+def train_curves(cfg: Config, progress: bool = True) -> list[dict]:
+    """Train a copy of the initial student with each γ and record the exact sequence KL(π‖q)."""
+    teacher, student0 = make_pair(cfg, cfg.train_T)
+    w = student0.world
+    mask_BT = torch.ones(cfg.batch_size, w.T, dtype=torch.bool)
+    records = []
+    runs = [(lr, g, s) for lr in cfg.lrs for g in cfg.gammas for s in range(cfg.train_seeds)]
+    for lr, gamma, seed in tqdm(runs, desc=f"training T={w.T}", disable=not progress):
+        student = TablePolicy(w, student0.table_PSV.data)
+        opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)(student.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        for step in range(cfg.train_steps + 1):
+            if step % cfg.eval_every == 0 or step == cfg.train_steps:
+                with torch.no_grad():
+                    kl = float(sequence_kl(student, teacher, method="dp"))
+                records.append({"gamma": gamma, "seed": seed, "step": step, "exact_kl": kl, "lr": lr})
+            if step == cfg.train_steps:
+                break
+            prompts_B = torch.randint(w.P, (cfg.batch_size,), generator=gen)
+            tokens_BT = sample(student, prompts_B, gen)
+            student_logp_BT = losses.token_logprobs(student.logits(prompts_B, tokens_BT), tokens_BT)
+            with torch.no_grad():
+                teacher_logp_BT = losses.token_logprobs(teacher.logits(prompts_B, tokens_BT), tokens_BT)
+            loss, _ = losses.reverse_kl_sampled_token(student_logp_BT, teacher_logp_BT, mask_BT, gamma=gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return records
+
+
+def print_table(rows: list[dict], other: list[dict], cfg: Config) -> None:
+    gammas, Ts = list(cfg.gammas), list(cfg.Ts)
+    by = {(r["gamma"], r["T"]): r for r in rows}
+    print(f"\nBias and variance vs the exact ∇KL(π(y_1:T)‖q(y_1:T)) — V={cfg.V}, P={cfg.P}, sequence scale; "
+          f"variance per single sequence (divide by B for a batch of B)")
+    head = f"{'T':>3} {'method':>6} {'‖∇KL‖':>9} | " + " ".join(f"{'bias γ=' + str(g):>11}" for g in gammas) + " | " + \
+        " ".join(f"{'var γ=' + str(g):>10}" for g in gammas) + f" | {'var1/var0':>9}"
+    print(head)
+    print("-" * len(head))
+    for T in Ts:
+        r0, r1 = by[(gammas[0], T)], by[(gammas[-1], T)]
+        ratio = r1["variance"] / r0["variance"] if r0["variance"] > 0 else float("nan")
+        print(f"{T:>3} {r0['method']:>6} {r0['exact_grad_norm']:>9.4f} | "
+              + " ".join(f"{by[(g, T)]['bias_norm']:>11.3e}" for g in gammas) + " | "
+              + " ".join(f"{by[(g, T)]['variance']:>10.3e}" for g in gammas) + f" | {ratio:>9.2f}")
+    print(f"\nDistribution-level losses on the same sequence scale (teacher top-K with K={cfg.topk}):")
+    print(f"{'T':>3} {'estimator':>10} {'bias':>11} {'variance':>11}")
+    for r in other:
+        print(f"{r['T']:>3} {r['estimator']:>10} {r['bias_norm']:>11.3e} {r['variance']:>11.3e}")
+
+
+def summarise_training(records: list[dict], cfg: Config) -> None:
+    for lr in cfg.lrs:
+        recs = [r for r in records if r["lr"] == lr]
+        print(f"\nTraining (T={cfg.train_T}, {cfg.optimizer}, lr={lr}, batch {cfg.batch_size}, {cfg.train_steps} steps, "
+              f"{cfg.train_seeds} seeds): exact KL(π‖q), mean over seeds [min, max]")
+        steps = sorted({r["step"] for r in recs})
+        marks = [steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]]
+        print(f"{'γ':>5} " + " ".join(f"{'step ' + str(s):>24}" for s in marks))
+        for g in cfg.gammas:
+            cells = []
+            for s in marks:
+                v = [r["exact_kl"] for r in recs if r["gamma"] == g and r["step"] == s]
+                cells.append(f"{sum(v) / len(v):>8.4f} [{min(v):.3f}, {max(v):.3f}]")
+            print(f"{g:>5} " + " ".join(f"{c:>24}" for c in cells))
+
+
+def plot(rows: list[dict], records: list[dict], cfg: Config, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gammas, Ts = list(cfg.gammas), list(cfg.Ts)
+    by = {(r["gamma"], r["T"]): r for r in rows}
+    cmap = plt.get_cmap("viridis")
+    colors = {g: cmap(i / max(len(gammas) - 1, 1)) for i, g in enumerate(gammas)}
+    fig, axes = plt.subplots(1, 3 + len(cfg.lrs), figsize=(4.7 * (3 + len(cfg.lrs)), 4.2))
+
+    ax = axes[0]
+    for i, T in enumerate(Ts):
+        ax.plot(gammas, [by[(g, T)]["bias_norm"] / max(by[(g, T)]["exact_grad_norm"], 1e-30) for g in gammas],
+                "o-", color=plt.get_cmap("plasma")(i / max(len(Ts) - 1, 1)), label=f"T={T}")
+    ax.set(xlabel="γ", ylabel="‖E g − ∇KL‖ / ‖∇KL‖", title="relative bias vs γ")
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    for g in gammas:
+        ax.semilogy(Ts, [by[(g, T)]["variance"] for T in Ts], "o-", color=colors[g], label=f"γ={g}")
+    ax.set(xlabel="T", ylabel="E‖g − E g‖² (one sequence)", title="variance vs T")
+    ax.legend(fontsize=7)
+
+    ax = axes[2]
+    ratio = [by[(gammas[-1], T)]["variance"] / by[(gammas[0], T)]["variance"] for T in Ts]
+    ax.loglog(Ts, ratio, "o-", color="k", label="measured")
+    for power, style in ((1, ":"), (2, "--")):  # reference slopes through the first T ≥ 2 point
+        T0 = next((i for i, T in enumerate(Ts) if T >= 2), 0)
+        ax.loglog(Ts, [ratio[T0] * (T / Ts[T0]) ** power for T in Ts], style, color="gray", label=f"∝ T^{power}")
+    ax.legend(fontsize=7)
+    ax.set(xlabel="T", ylabel=f"var(γ={gammas[-1]}) / var(γ={gammas[0]})", title="variance ratio vs T")
+
+    for ax, lr in zip(axes[3:], cfg.lrs):
+        for g in gammas:
+            recs = [r for r in records if r["gamma"] == g and r["lr"] == lr]
+            steps = sorted({r["step"] for r in recs})
+            vals = torch.tensor([[r["exact_kl"] for r in recs if r["step"] == s] for s in steps])
+            mean, lo, hi = vals.mean(1), vals.min(1).values, vals.max(1).values
+            ax.plot(steps, mean, color=colors[g], label=f"γ={g}")
+            ax.fill_between(steps, lo, hi, color=colors[g], alpha=0.2)
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="exact KL(π‖q)",
+               title=f"training T={cfg.train_T}, {cfg.optimizer} lr={lr}\n(mean, min–max over {cfg.train_seeds} seeds)")
+        ax.legend(fontsize=7)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: Config, out: str, progress: bool = True) -> dict:
+    """Run the whole reproduction, write ``out/bias_variance.json`` and ``out/bias_variance.png``."""
+    start = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        rows, other = measure_estimators(cfg, progress)
+        records = train_curves(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - start
+
+    print_table(rows, other, cfg)
+    summarise_training(records, cfg)
+    fig_path = os.path.join(out, "bias_variance.png")
+    plot(rows, records, cfg, fig_path)
+    config = {**asdict(cfg), "Ts": list(cfg.Ts), "gammas": list(cfg.gammas), "lrs": list(cfg.lrs),
+              "gradient_scale": "sequence: T × gradient of the per-token-mean loss on one sequence (E g = ∇KL_seq at γ=1)",
+              "variance_per": "single sequence; a batch of B sequences has variance / B",
+              "mc_bias_note": "for method 'mc' the bias norm is sqrt(max(‖ḡ − ∇KL‖² − variance/M, 0))",
+              "student": "TablePolicy", "wall_time_s": wall}
+    result = {"estimators": rows, "training": records, "config": config}
+    with open(os.path.join(out, "bias_variance.json"), "w") as f:
+        json.dump({**result, "other_estimators": other}, f, indent=1)
+    print(f"\nwrote {os.path.join(out, 'bias_variance.json')} and {fig_path}; wall time {wall:.1f} s")
+    return {**result, "other_estimators": other, "figures": [fig_path]}
+
+
+# --------------------------------------------------------------------------------------------
+# command line (the contract of toy/__main__.py)
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Config()
+    parser.add_argument("--fast", action="store_true", help="small settings (tests)")
+    parser.add_argument("--V", type=int, default=d.V, help="vocabulary size")
+    parser.add_argument("--Ts", type=int, nargs="+", default=list(d.Ts), help="horizons T")
+    parser.add_argument("--gammas", type=float, nargs="+", default=list(d.gammas), help="discounts γ")
+    parser.add_argument("--P", type=int, default=d.P, help="number of prompts")
+    parser.add_argument("--teacher-scale", type=float, default=d.teacher_scale, help="teacher logit std")
+    parser.add_argument("--student-scale", type=float, default=d.student_scale, help="initial student logit std")
+    parser.add_argument("--topk", type=int, default=d.topk, help="K of the top-K estimator")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of teacher and initial student")
+    parser.add_argument("--enum-limit", type=int, default=d.enum_limit, help="enumerate when P·V^T ≤ this, else Monte Carlo")
+    parser.add_argument("--mc-samples", type=int, default=d.mc_samples, help="samples per Monte Carlo estimate")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per training step")
+    parser.add_argument("--train-T", type=int, default=d.train_T, help="horizon of the training runs")
+    parser.add_argument("--train-steps", type=int, default=d.train_steps, help="steps per training run")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(d.lrs), help="learning rates (each γ runs at each)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
+    parser.add_argument("--train-seeds", type=int, default=d.train_seeds, help="sampling seeds per γ")
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between exact-KL evaluations")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (1 is fastest for these tiny tensors)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = Config(V=args.V, Ts=tuple(args.Ts), gammas=tuple(args.gammas), P=args.P, teacher_scale=args.teacher_scale,
+                 student_scale=args.student_scale, topk=args.topk, seed=args.seed, enum_limit=args.enum_limit,
+                 mc_samples=args.mc_samples, batch_size=args.batch_size, train_T=args.train_T,
+                 train_steps=args.train_steps, lrs=tuple(args.lrs), optimizer=args.optimizer, train_seeds=args.train_seeds,
+                 eval_every=args.eval_every, threads=args.threads, fast=args.fast)
+    return cfg.apply_fast()
+
+
+def main(args: argparse.Namespace) -> dict:
+    return run(config_from_args(args), args.out, progress=not getattr(args, "no_progress", False))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="runs/toy")
+    add_arguments(p)
+    main(p.parse_args())
