@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from opd_mini import losses
-from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, random_table, sample, sequence_kl
+from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, sample, sequence_kl
 
 ESTIMATORS = ("sampled_token", "full", "topk")
 
@@ -211,18 +211,23 @@ def estimator_moments(student: TablePolicy, teacher: TablePolicy, specs: list[tu
 # --------------------------------------------------------------------------------------------
 
 
+def _nested_table(world: World, scale: float, seed: int) -> TablePolicy:
+    """A table with i.i.d. ``N(0, scale²)`` logits drawn level by level: the logits of all prefixes of
+    length t come from a generator seeded by ``(seed, t)`` alone, so the world at horizon T is exactly
+    the first T steps of the world at any larger horizon, whatever horizons a run asks for."""
+    blocks = []
+    for t in range(world.T):
+        g = torch.Generator().manual_seed(seed * 1_000 + t)
+        blocks.append(torch.randn(world.P, world.V ** t, world.V, generator=g) * scale)
+    return TablePolicy(world, torch.cat(blocks, dim=1))  # states are numbered by prefix length
+
+
 def make_pair(cfg: Config, T: int) -> tuple[TablePolicy, TablePolicy]:
-    """Teacher and initial student of horizon T. Both are drawn once at the largest horizon and cut to
-    T (states are numbered by prefix length), so the world at T is the first T steps of the world at
-    any larger horizon."""
-    T_max = max(max(cfg.Ts), cfg.train_T)
-    big = World(cfg.V, T_max, cfg.P)
-    g = torch.Generator().manual_seed(cfg.seed)
-    teacher_big = random_table(big, cfg.teacher_scale, g)
-    student_big = random_table(big, cfg.student_scale, g)
+    """Teacher and initial student of horizon T, independent random tables (teacher logits
+    ``N(0, teacher_scale²)``, student ``N(0, student_scale²)``), nested across horizons (see
+    :func:`_nested_table`)."""
     w = World(cfg.V, T, cfg.P)
-    S = w.num_states
-    return TablePolicy(w, teacher_big.table_PSV.data[:, :S]), TablePolicy(w, student_big.table_PSV.data[:, :S])
+    return _nested_table(w, cfg.teacher_scale, 2 * cfg.seed), _nested_table(w, cfg.student_scale, 2 * cfg.seed + 1)
 
 
 def measure_estimators(cfg: Config, progress: bool = True) -> tuple[list[dict], list[dict]]:
