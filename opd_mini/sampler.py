@@ -1,0 +1,315 @@
+"""Student rollouts: sample completions with ``generate`` (KV cache) and record what the loss needs.
+
+Layout of a batch of rollouts (B = len(prompts) · num_generations, P = longest prompt, T = new tokens)::
+
+    input_ids       [pad pad p p p p | y y y EOS pad pad]     (B, P+T)
+                     left-padded prompt  completion, right-padded
+    attention_mask  [ 0   0  1 1 1 1 | 1 1 1  1   0   0 ]     (B, P+T)
+    completion_mask                  [ T T T  T   F   F ]     (B, T)  the first EOS is kept and trained
+
+The logits that predict completion token t sit at sequence position P-1+t. Position ids are counted
+over the attention mask (``cumsum - 1``), the same way ``generate`` counts them, so a later forward
+pass over ``input_ids`` (:func:`opd_mini.student.completion_logits`) reproduces the sampling-time
+log-probabilities exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from opd_mini.losses import token_logprobs
+
+
+@dataclass
+class Rollouts:
+    """A batch of prompt+completion sequences and their masks (see the module docstring for the layout).
+
+    Rows ``i*num_generations .. (i+1)*num_generations-1`` are the samples of ``prompts[i]``.
+    """
+
+    input_ids: torch.Tensor  # (B, P+T) long: left-padded prompt + right-padded completion
+    attention_mask: torch.Tensor  # (B, P+T) long: 1 on real prompt tokens and completion tokens up to the first EOS
+    completion_ids: torch.Tensor  # (B, T) long: input_ids[:, P:]
+    completion_mask: torch.Tensor  # (B, T) bool: generated tokens up to and including the first EOS
+    behaviour_logp: torch.Tensor  # (B, T) float32: log π_student(y_t|c_t) when sampled (raw logits); 0 where masked
+    prompt_len: int  # P
+    prompt_index: torch.Tensor  # (B,) long: index into the prompts list
+    completions: list[str]  # decoded completion text up to the first EOS (special tokens skipped)
+    # the prompt strings as fed to the tokenizer (after any chat template), one per prompt
+    prompt_texts: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of masked-in completion tokens (the loss normaliser)."""
+        return int(self.completion_mask.sum())
+
+    def position_ids(self) -> torch.Tensor:
+        """(B, P+T) position ids counted over the attention mask, as ``generate`` counts them."""
+        return position_ids_from_mask(self.attention_mask)
+
+    def to(self, device: torch.device | str) -> "Rollouts":
+        """A copy with every tensor moved to ``device``."""
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Rollouts(**moved)
+
+    def select(self, rows: slice | torch.Tensor | list[int]) -> "Rollouts":
+        """The rollouts of some rows (e.g. a micro-batch); ``prompt_index`` and texts follow the rows."""
+        idx = torch.arange(self.input_ids.shape[0])[rows]
+        idx_list = idx.tolist()
+        return Rollouts(
+            input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx],
+            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
+            behaviour_logp=self.behaviour_logp[idx], prompt_len=self.prompt_len,
+            prompt_index=self.prompt_index[idx], completions=[self.completions[i] for i in idx_list],
+            prompt_texts=list(self.prompt_texts),
+        )
+
+
+def position_ids_from_mask(attention_mask_BL: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) = number of attended tokens before each position (0 on left padding)."""
+    return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask_from_ids(completion_ids_BT: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
+    """(B, T) bool: True up to and including the first EOS of each row, False after it.
+
+    Works when the pad token equals EOS (``generate`` then fills finished rows with EOS): only the first
+    EOS counts. A row without EOS (cut by ``max_new_tokens``) is True everywhere.
+    """
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids_BT, dtype=torch.bool)
+    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                              device=completion_ids_BT.device)
+    is_eos_BT = torch.isin(completion_ids_BT, eos_ids)
+    # number of EOS strictly before position t; a position is kept when that number is 0
+    eos_before_BT = is_eos_BT.long().cumsum(-1) - is_eos_BT.long()
+    return eos_before_BT == 0
+
+
+#: Passed to every ``generate`` call so that a model's own generation defaults (many hub models ship a
+#: repetition penalty, min-p or typical-p in ``generation_config.json``) cannot silently change the
+#: distribution the rollouts are drawn from: samples come from softmax(logits / temperature) filtered by
+#: top-k and top-p only.
+NEUTRAL_GENERATION = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+NEUTRAL_SAMPLING = dict(min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)  # only read when sampling
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the tokenizer and the model's generation config (some models list several)."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if value is None:
+            continue
+        for i in ([value] if isinstance(value, int) else value):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _max_context(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def format_prompts(tokenizer, prompts: list[str], use_chat_template: bool | str = "auto") -> tuple[list[str], bool]:
+    """Apply the tokenizer's chat template to each prompt (one user turn + generation prompt) when asked.
+
+    ``use_chat_template``: ``"auto"`` uses it when the tokenizer has one, ``True`` requires one,
+    ``False`` feeds the prompts as they are. Returns ``(texts, templated)``.
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if use_chat_template == "auto":
+        use = has_template
+    elif use_chat_template is True or use_chat_template is False:
+        use = use_chat_template
+    else:
+        raise ValueError(f"use_chat_template must be 'auto', True or False, got {use_chat_template!r}")
+    if use and not has_template:
+        raise ValueError("use_chat_template=True but the tokenizer has no chat template; use 'auto' or False")
+    if not use:
+        return list(prompts), False
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return texts, True
+
+
+def encode_prompts(tokenizer, prompts: list[str], *, use_chat_template: bool | str = "auto",
+                   max_length: int | None = None, max_new_tokens: int = 0) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt (chat template applied when asked; see :func:`format_prompts`).
+
+    Raises ValueError for an empty prompt list, an empty prompt, or a prompt whose length plus
+    ``max_new_tokens`` exceeds ``max_length`` (the model's context).
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one non-whitespace character")
+    texts, templated = format_prompts(tokenizer, prompts, use_chat_template)
+    # a chat template writes its own BOS; plain prompts get the tokenizer's usual special tokens
+    ids = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]
+    for i, row in enumerate(ids):
+        if len(row) == 0:
+            raise ValueError(f"prompt {i} encodes to zero tokens: {prompts[i]!r}")
+        if max_length is not None and len(row) + max_new_tokens > max_length:
+            raise ValueError(
+                f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's context of {max_length} positions: shorten the prompt or lower max_new_tokens"
+            )
+    return ids, texts
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to a (B, P) tensor; returns ``(ids_BP, attention_mask_BP)``."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, P - len(r):] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer, eos_ids: list[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if eos_ids:
+        return eos_ids[0]
+    raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+
+
+def _assemble(tokenizer, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, eos_ids, pad_id,
+              behaviour_logp_BT, prompt_index_B, prompt_texts) -> Rollouts:
+    completion_mask_BT = completion_mask_from_ids(completion_ids_BT, eos_ids or None)
+    completion_ids_BT = torch.where(completion_mask_BT, completion_ids_BT, torch.full_like(completion_ids_BT, pad_id))
+    behaviour_logp_BT = torch.where(completion_mask_BT, behaviour_logp_BT, torch.zeros_like(behaviour_logp_BT))
+    texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(completion_ids_BT, completion_mask_BT)],
+                                   skip_special_tokens=True)
+    return Rollouts(
+        input_ids=torch.cat([prompt_ids_BP, completion_ids_BT], dim=1),
+        attention_mask=torch.cat([prompt_mask_BP, completion_mask_BT.long()], dim=1),
+        completion_ids=completion_ids_BT,
+        completion_mask=completion_mask_BT,
+        behaviour_logp=behaviour_logp_BT.float(),
+        prompt_len=prompt_ids_BP.shape[1],
+        prompt_index=prompt_index_B,
+        completions=texts,
+        prompt_texts=prompt_texts,
+    )
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_generations: int = 1,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    use_chat_template: bool | str = "auto",
+    seed: int | None = None,
+) -> Rollouts:
+    """Sample ``num_generations`` completions per prompt from ``model`` with ``generate`` (KV cache, no grad).
+
+    ``temperature=0`` decodes greedily; otherwise tokens are drawn from the temperature-scaled
+    distribution, filtered by ``top_k`` (0 = off) and ``top_p`` (1 = off). ``behaviour_logp`` is always
+    taken from the raw logits (temperature 1, unfiltered), i.e. log π_student(y_t|c_t), so it equals a
+    separate forward pass. With ``seed`` the draw is reproducible and the global RNG is left untouched;
+    without it the global torch RNG is used (and advanced). The rollouts' tensors live on the model's
+    device. The model runs in eval mode (its training
+    flag is restored afterwards); the model's own generation defaults are neutralised (see
+    :data:`NEUTRAL_GENERATION`, :data:`NEUTRAL_SAMPLING`), and token ids past ``len(tokenizer)``
+    (padding rows of an embedding matrix rounded up, e.g. 151,936 rows for 151,665 tokens) are never
+    sampled.
+    """
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
+                                 max_length=_max_context(model), max_new_tokens=max_new_tokens)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    device = next(model.parameters()).device
+
+    prompt_ids_BP, prompt_mask_BP = left_pad(rows, pad_id)
+    prompt_index_B = torch.arange(len(rows)).repeat_interleave(num_generations)
+    prompt_ids_BP, prompt_mask_BP = prompt_ids_BP[prompt_index_B], prompt_mask_BP[prompt_index_B]
+    P = prompt_ids_BP.shape[1]
+
+    greedy = temperature == 0
+    gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature),
+                                                            top_p=float(top_p), top_k=int(top_k), **NEUTRAL_SAMPLING)
+    head_rows = getattr(model.get_output_embeddings(), "out_features", None)
+    if head_rows is not None and head_rows > len(tokenizer):  # padding rows of the embedding: never sample them
+        gen_kwargs["suppress_tokens"] = list(range(len(tokenizer), head_rows))
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=prompt_ids_BP.to(device), attention_mask=prompt_mask_BP.to(device),
+                max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                eos_token_id=eos_ids or None, use_cache=True, return_dict_in_generate=True, output_logits=True,
+                **NEUTRAL_GENERATION, **gen_kwargs,
+            )
+    finally:
+        model.train(was_training)
+
+    completion_ids_BT = out.sequences[:, P:]
+    # out.logits: one (B, V) tensor of raw next-token logits per step; gather the sampled token's log-prob
+    behaviour_logp_BT = torch.stack(
+        [token_logprobs(step_logits_BV.unsqueeze(1), completion_ids_BT[:, t:t + 1]).squeeze(1)
+         for t, step_logits_BV in enumerate(out.logits)], dim=1)  # (B, T)
+    return _assemble(tokenizer, prompt_ids_BP.to(device), prompt_mask_BP.to(device), completion_ids_BT, eos_ids,
+                     pad_id, behaviour_logp_BT, prompt_index_B.to(device), texts)
+
+
+def build_rollouts(tokenizer, prompts: list[str], completions: list[str], *, use_chat_template: bool | str = "auto",
+                   add_eos: bool = True, max_length: int | None = None) -> Rollouts:
+    """Rollouts from given prompt/completion texts (no sampling): SFT on answers or on teacher samples.
+
+    Each completion is tokenized without special tokens and followed by EOS when ``add_eos``; the
+    layout and masks are those of :func:`sample`, and ``behaviour_logp`` is 0. Row i is ``prompts[i]``
+    with ``completions[i]`` (``prompt_index`` = arange). ``max_length`` (the model's context) is checked.
+    The tensors are on the CPU (use ``.to(device)``; the student and teacher functions also move them).
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template)
+    eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if add_eos and not eos_ids:
+        raise ValueError("add_eos=True but the tokenizer has no EOS token")
+    pad_id = _pad_id(tokenizer, eos_ids)
+    completion_rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + (eos_ids[:1] if add_eos else [])
+                       for c in completions]
+    T = max(1, max(len(r) for r in completion_rows))
+    completion_ids_BT = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    length_mask_BT = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(completion_rows):
+        completion_ids_BT[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        length_mask_BT[i, :len(r)] = True
+        if max_length is not None and len(rows[i]) + len(r) > max_length:
+            raise ValueError(f"example {i} has {len(rows[i]) + len(r)} tokens, more than the model's context "
+                             f"of {max_length}: shorten it")
+    prompt_ids_BP, prompt_mask_BP = left_pad(rows, pad_id)
+    rollouts = _assemble(tokenizer, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, eos_ids if add_eos else [],
+                         pad_id, torch.zeros((len(rows), T)), torch.arange(len(rows)), texts)
+    # without EOS the masks come from the lengths alone (padding is masked)
+    mask_BT = rollouts.completion_mask & length_mask_BT
+    rollouts.completion_mask = mask_BT
+    rollouts.completions = list(completions)
+    rollouts.attention_mask = torch.cat([prompt_mask_BP, mask_BT.long()], dim=1)
+    return rollouts

@@ -1,0 +1,213 @@
+"""Verifiable prompt sources: a task yields (prompt, answer) examples and scores completions.
+
+Specs understood by :func:`get_task`::
+
+    reverse:N          reverse an N-digit string           "0412>"      -> "2140"
+    add:N              add two N-digit numbers             "123+456="   -> "579"
+    jsonl:PATH         one {"prompt": ..., "answer": ...} object per line
+    hf:NAME[:SPLIT]    a Hugging Face dataset (needs `pip install datasets` and a network)
+
+The built-in prompts end with a separator character (``>`` or ``=``) so that a character-level model
+sees where the answer starts; the answer is followed by the tokenizer's EOS token in training data.
+The reward is exact match: 1.0 when the completion, cut at the first EOS and stripped of surrounding
+whitespace, equals the answer, else 0.0.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+#: What :func:`get_task` accepts, for error messages and ``--help`` texts.
+TASK_SPECS = ("reverse:N", "add:N", "jsonl:PATH", "hf:NAME[:SPLIT]")
+
+#: End-of-sequence markers a completion is cut at before comparing (decoded text normally has none:
+#: the sampler decodes up to the first EOS and skips special tokens).
+STOP_STRINGS = ("<eos>", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
+
+
+@dataclass
+class Example:
+    """One verifiable example: the prompt shown to the model and the expected answer text."""
+
+    prompt: str
+    answer: str
+
+
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 when ``completion`` (cut at the first EOS marker, stripped) equals ``answer`` (stripped), else 0.0."""
+    for stop in STOP_STRINGS:
+        completion = completion.split(stop, 1)[0]
+    return float(completion.strip() == answer.strip())
+
+
+class Task:
+    """A source of examples with an exact-match reward.
+
+    Subclasses implement :meth:`_example` (one random example from an RNG) or override :meth:`examples`.
+    """
+
+    name: str = "task"
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        """``n`` examples, deterministic in ``seed`` (different seeds give different draws)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}/{seed}")
+        return [self._example(rng) for _ in range(n)]
+
+    def _example(self, rng: random.Random) -> Example:
+        raise NotImplementedError
+
+    def reward(self, completion: str, example: Example) -> float:
+        """Exact-match reward of one completion (see :func:`exact_match`)."""
+        return exact_match(completion, example.answer)
+
+    def rewards(self, completions: list[str], examples: list[Example]) -> list[float]:
+        """Rewards of paired completions and examples (same length)."""
+        if len(completions) != len(examples):
+            raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
+        return [self.reward(c, e) for c, e in zip(completions, examples)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class ReverseTask(Task):
+    """Reverse a string of ``num_digits`` random digits: ``"0412>"`` -> ``"2140"``."""
+
+    def __init__(self, num_digits: int):
+        if num_digits < 1:
+            raise ValueError(f"reverse:N needs N >= 1, got {num_digits}")
+        self.num_digits = num_digits
+        self.name = f"reverse:{num_digits}"
+
+    def _example(self, rng: random.Random) -> Example:
+        digits = "".join(rng.choice("0123456789") for _ in range(self.num_digits))
+        return Example(prompt=f"{digits}>", answer=digits[::-1])
+
+
+class AddTask(Task):
+    """Add two ``num_digits``-digit numbers (no leading zeros): ``"123+456="`` -> ``"579"``."""
+
+    def __init__(self, num_digits: int):
+        if num_digits < 1:
+            raise ValueError(f"add:N needs N >= 1, got {num_digits}")
+        self.num_digits = num_digits
+        self.name = f"add:{num_digits}"
+
+    def _example(self, rng: random.Random) -> Example:
+        low = 0 if self.num_digits == 1 else 10 ** (self.num_digits - 1)
+        a, b = rng.randint(low, 10**self.num_digits - 1), rng.randint(low, 10**self.num_digits - 1)
+        return Example(prompt=f"{a}+{b}=", answer=str(a + b))
+
+
+class ListTask(Task):
+    """A fixed list of examples (from a JSONL file or a dataset).
+
+    ``examples(n, seed)`` shuffles the list with ``seed`` and returns the first ``n``; when ``n`` exceeds
+    the list, further reshuffled passes are appended (examples repeat). ``n=len(task)`` with any seed
+    returns every example once.
+    """
+
+    def __init__(self, name: str, items: list[Example]):
+        if not items:
+            raise ValueError(f"task {name!r} has no examples")
+        self.name = name
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}/{seed}")
+        out: list[Example] = []
+        while len(out) < n:
+            order = list(range(len(self.items)))
+            rng.shuffle(order)
+            out.extend(self.items[i] for i in order[: n - len(out)])
+        return out
+
+
+def load_jsonl(path: str | Path) -> ListTask:
+    """Read a JSONL file of ``{"prompt": str, "answer": str}`` objects (blank lines skipped).
+
+    Any malformed line raises ValueError naming the file and the 1-based line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"jsonl task file not found: {path}")
+    items: list[Example] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object with \"prompt\" and \"answer\", "
+                                 f"got {type(record).__name__}")
+            for key in ("prompt", "answer"):
+                if key not in record:
+                    raise ValueError(f"{where}: missing key {key!r} (each line needs \"prompt\" and \"answer\")")
+                if not isinstance(record[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+            if not record["prompt"]:
+                raise ValueError(f"{where}: empty prompt")
+            items.append(Example(prompt=record["prompt"], answer=record["answer"]))
+    if not items:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return ListTask(f"jsonl:{path}", items)
+
+
+def load_hf_dataset(name: str, split: str = "train", *, prompt_column: str = "prompt",
+                    answer_column: str = "answer", config_name: str | None = None) -> ListTask:
+    """Load a Hugging Face dataset with the ``datasets`` library (imported here, only when asked for).
+
+    ``prompt_column`` and ``answer_column`` name the columns to use; values are converted with ``str``.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"the task 'hf:{name}' needs the `datasets` library, which is not installed: run "
+            "`pip install datasets` (downloading a dataset also needs a network connection), or use a "
+            "built-in task (reverse:N, add:N) or a local jsonl:PATH file"
+        ) from None
+    ds = datasets.load_dataset(name, config_name, split=split)
+    columns = list(getattr(ds, "column_names", None) or (ds[0].keys() if len(ds) else []))
+    for column, what in ((prompt_column, "prompt_column"), (answer_column, "answer_column")):
+        if column not in columns:
+            raise ValueError(f"dataset {name!r} (split {split!r}) has no column {column!r} (set {what}); "
+                             f"its columns are {columns}")
+    items = [Example(prompt=str(row[prompt_column]), answer=str(row[answer_column])) for row in ds]
+    return ListTask(f"hf:{name}:{split}", items)
+
+
+def get_task(spec: str, *, prompt_column: str = "prompt", answer_column: str = "answer",
+             hf_config_name: str | None = None) -> Task:
+    """Build a task from its spec string (see the module docstring); unknown specs raise ValueError.
+
+    ``prompt_column`` / ``answer_column`` / ``hf_config_name`` apply to ``hf:`` datasets only.
+    """
+    kind, _, arg = str(spec).partition(":")
+    if kind in ("reverse", "add"):
+        try:
+            n = int(arg)
+        except ValueError:
+            raise ValueError(f"task {spec!r}: expected {kind}:N with an integer N, e.g. {kind}:3") from None
+        return ReverseTask(n) if kind == "reverse" else AddTask(n)
+    if kind == "jsonl" and arg:
+        return load_jsonl(arg)
+    if kind == "hf" and arg:
+        name, _, split = arg.partition(":")
+        return load_hf_dataset(name, split or "train", prompt_column=prompt_column,
+                               answer_column=answer_column, config_name=hf_config_name)
+    raise ValueError(f"unknown task {spec!r}; valid task specs are: {', '.join(TASK_SPECS)}")

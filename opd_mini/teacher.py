@@ -1,0 +1,208 @@
+"""The teacher: load it (optionally 4-bit/8-bit through bitsandbytes) and score the student's rollouts.
+
+Scoring is one no-grad forward of the teacher's decoder over prompt + completion, followed by the
+output head and a log-softmax over the shared vocabulary **in chunks of positions**, so the full
+(B, T, V) teacher logits never sit in memory at once (with V = 151,936, B = 8, T = 256 they alone
+would be 1.2 GB in float32). Each chunk keeps only what the losses need::
+
+    sampled_logp  (B, T)     log q(y_t | c_t) of the student's sampled tokens
+    topk_ids      (B, T, K)  the teacher's K most likely tokens at each position
+    topk_logp     (B, T, K)  their log-probabilities (normalised over the full shared vocabulary)
+    entropy       (B, T)     H(q(·|c_t)) = −Σ_v q(v|c_t) log q(v|c_t), in nats
+    full_logp     (B, T, V)  only with full=True (full-vocabulary losses)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from opd_mini.sampler import Rollouts
+from opd_mini.student import _is_peft, base_model, completion_hidden, project_logits
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+_NO_QUANT_HINT = "set teacher_quantization='none' (command line: --teacher_quantization none) to load it unquantized"
+
+
+def default_compute_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on a CUDA GPU that supports it (else float16); float32 elsewhere (CPUs have no fast bf16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, device: str | torch.device = "cpu",
+                        compute_dtype: torch.dtype | None = None):
+    """A transformers ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4 + double quantization),
+    or None for ``"none"``. Raises a clear error when bitsandbytes cannot run on ``device``."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    device = torch.device(device)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"{quantization} quantization needs the bitsandbytes package, which is not installed: "
+                           f"`pip install bitsandbytes`, or {_NO_QUANT_HINT}")
+    if device.type not in ("cpu", "cuda", "xpu"):
+        raise RuntimeError(f"bitsandbytes {quantization} quantization does not run on device {device.type!r} "
+                           f"(it supports cpu, cuda and xpu): {_NO_QUANT_HINT}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{quantization} quantization on {device} was asked for but CUDA is not available: "
+                           f"use device='cpu', or {_NO_QUANT_HINT}")
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_teacher(name_or_path, *, quantization: str = "none", device: str | torch.device = "cpu",
+                 compute_dtype: torch.dtype | None = None):
+    """Load a frozen teacher (eval mode, no grad) from a hub id or a local ``save_pretrained`` directory.
+
+    ``quantization``: ``"none"`` (weights in ``compute_dtype``), ``"8bit"`` (LLM.int8) or ``"4bit"``
+    (NF4 with double quantization) through bitsandbytes. ``compute_dtype`` defaults to bfloat16 on a
+    CUDA GPU that supports it and float32 on the CPU. Where bitsandbytes cannot run, a RuntimeError
+    says why and what to do instead.
+    """
+    device = torch.device(device)
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    bnb_config = quantization_config(quantization, device, compute_dtype)
+    if bnb_config is None:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=compute_dtype).to(device)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=bnb_config,
+                                                         dtype=compute_dtype, device_map={"": str(device)})
+        except (OSError, ValueError, TypeError):
+            raise  # a wrong path or a bad argument: the library's message is the clearest
+        except Exception as e:  # bitsandbytes backend failures come in many types
+            raise RuntimeError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
+                               f"({type(e).__name__}: {e}); {_NO_QUANT_HINT}") from e
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def embedding_rows(model) -> int:
+    """Number of rows of the model's output head (its logits' size), padding rows included."""
+    head = base_model(model).get_output_embeddings()
+    rows = getattr(head, "out_features", None)
+    return int(rows if rows is not None else model.config.vocab_size)
+
+
+def shared_vocab_size(tokenizer, student_model, teacher_model, *, teacher_tokenizer=None) -> int:
+    """The vocabulary size both models' logits are trimmed to: ``len(tokenizer)``.
+
+    Embedding matrices are often padded past the tokenizer (e.g. 151,936 vs 152,064 rows within one
+    model family); the extra rows are never produced by the tokenizer and are dropped. A real mismatch
+    raises ValueError naming both sizes: a head smaller than the tokenizer, or (when
+    ``teacher_tokenizer`` is given) a teacher tokenizer of a different length or vocabulary.
+    """
+    n = len(tokenizer)
+    s_rows, t_rows = embedding_rows(student_model), embedding_rows(teacher_model)
+    if teacher_tokenizer is not None:
+        n_t = len(teacher_tokenizer)
+        if n_t != n or teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"student and teacher tokenizers differ (student {n} tokens, teacher {n_t} tokens): "
+                             "on-policy distillation needs a shared tokenizer; pick a teacher of the same model family")
+    if s_rows < n or t_rows < n:
+        raise ValueError(
+            f"vocabulary mismatch: the student's output head has {s_rows} rows and the teacher's {t_rows}, "
+            f"but the tokenizer has {n} tokens; both must cover the tokenizer (a difference only in padding rows "
+            "above the tokenizer length is fine): pick a teacher and student that share a tokenizer")
+    return n
+
+
+@dataclass
+class TeacherSignal:
+    """What the losses need from the teacher, per completion position (see the module docstring)."""
+
+    sampled_logp: torch.Tensor  # (B, T) float32: log q(y_t|c_t); 0 where the completion mask is False
+    topk_ids: torch.Tensor | None  # (B, T, K) long, or None when top_k = 0
+    topk_logp: torch.Tensor | None  # (B, T, K) float32, log-softmax over the full shared vocabulary
+    entropy: torch.Tensor  # (B, T) float32: H(q(·|c_t)) in nats; 0 where the completion mask is False
+    full_logp: torch.Tensor | None = None  # (B, T, V) float32, only when scored with full=True
+
+
+def teacher_is_student_base(student_model, teacher_name_or_path) -> bool:
+    """True when ``student_model`` is a LoRA student whose base is ``teacher_name_or_path``: the teacher
+    is then the student with its adapter disabled (``score(..., disable_adapter=True)``), no second copy."""
+    if not _is_peft(student_model) or teacher_name_or_path is None:
+        return False
+    base = student_model.peft_config[student_model.active_adapter].base_model_name_or_path
+    if base is None:
+        return False
+    same = str(base) == str(teacher_name_or_path)
+    if os.path.exists(str(base)) and os.path.exists(str(teacher_name_or_path)):
+        same = os.path.realpath(str(base)) == os.path.realpath(str(teacher_name_or_path))
+    return same
+
+
+@torch.no_grad()
+def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0, full: bool = False,
+          chunk_size: int = 64, disable_adapter: bool = False) -> TeacherSignal:
+    """Score the rollouts under the teacher q, in chunks of ``chunk_size`` completion positions.
+
+    One no-grad forward of the decoder gives hidden states (B, T, H); then for each chunk of C
+    positions the output head and a float32 log-softmax over the first ``vocab_size`` logits give
+    (B, C, V) log-probabilities, from which the sampled token's log-prob, the top-``top_k`` ids and
+    log-probs and the entropy are kept; the chunk is then freed. ``full=True`` also keeps the whole
+    (B, T, V) log-probabilities (for full-vocabulary losses). ``disable_adapter=True`` scores a LoRA
+    student with its adapter switched off, i.e. its own base model (self-distillation).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not (0 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must lie in [0, vocab_size={vocab_size}], got {top_k}")
+    if disable_adapter and not _is_peft(teacher_model):
+        raise ValueError("disable_adapter=True needs a peft (LoRA) model: the teacher would be its base model")
+    device = next(teacher_model.parameters()).device
+    rollouts = rollouts.to(device)
+    ids_BT, mask_BT = rollouts.completion_ids, rollouts.completion_mask
+    B, T = ids_BT.shape
+
+    was_training = teacher_model.training
+    teacher_model.eval()
+    try:
+        with teacher_model.disable_adapter() if disable_adapter else nullcontext():
+            hidden_BTH, _ = completion_hidden(teacher_model, rollouts)
+            sampled, entropy, topk_ids, topk_logp, full_logp = [], [], [], [], []
+            for start in range(0, T, chunk_size):
+                h_BCH = hidden_BTH[:, start:start + chunk_size]
+                logp_BCV = F.log_softmax(project_logits(teacher_model, h_BCH, vocab_size).float(), dim=-1)
+                if logp_BCV.shape[-1] != vocab_size:
+                    raise ValueError(f"the teacher produces {logp_BCV.shape[-1]} logits, "
+                                     f"fewer than vocab_size={vocab_size}")
+                y_BC = ids_BT[:, start:start + chunk_size].clamp(max=vocab_size - 1)  # masked pads may exceed it
+                sampled.append(logp_BCV.gather(-1, y_BC.unsqueeze(-1)).squeeze(-1))
+                p_BCV = logp_BCV.exp()
+                entropy.append(-(p_BCV * logp_BCV).nan_to_num(0.0).sum(-1))  # 0 · (−inf) = 0
+                if top_k > 0:
+                    values, indices = logp_BCV.topk(top_k, dim=-1)
+                    topk_logp.append(values)
+                    topk_ids.append(indices)
+                if full:
+                    full_logp.append(logp_BCV)
+                del logp_BCV, p_BCV
+    finally:
+        teacher_model.train(was_training)
+
+    zero = torch.zeros((), device=device)
+    return TeacherSignal(
+        sampled_logp=torch.where(mask_BT, torch.cat(sampled, dim=1), zero),
+        topk_ids=torch.cat(topk_ids, dim=1) if top_k > 0 else None,
+        topk_logp=torch.cat(topk_logp, dim=1) if top_k > 0 else None,
+        entropy=torch.where(mask_BT, torch.cat(entropy, dim=1), zero),
+        full_logp=torch.cat(full_logp, dim=1) if full else None,
+    )
