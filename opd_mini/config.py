@@ -1,0 +1,379 @@
+"""The one configuration of a training run: a dataclass whose fields document themselves.
+
+Every field is declared once, with its default, its help text and its allowed range::
+
+    lr: float = opt(1e-4, "peak learning rate of AdamW", gt=0)
+
+and from that single declaration come the ``--help`` text of every command, the ``--lr`` flag, the
+validation (a ``ValueError`` naming the field, the value and what is allowed) and the README's table.
+
+Three ways to build a config, applied in this order (later wins)::
+
+    TrainConfig()                               # the defaults below
+    preset  (--preset tiny-cpu | laptop-gpu)    # a named bundle of overrides, see PRESETS
+    file    (--config run.yaml / run.json)      # any subset of the fields, may name a preset too
+    flags   (--lr 3e-4 --loss sft ...)          # every field is a flag
+
+From Python: ``TrainConfig(lr=3e-4)``, ``TrainConfig.from_preset("tiny-cpu", steps=10)``,
+``TrainConfig.from_file("run.yaml")`` or ``parse_args(["--preset", "tiny-cpu", "--steps", "10"])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+LOSSES = (
+    "reverse_kl_sampled",  # sampled-token reverse KL (policy-gradient form, return-to-go γ)
+    "reverse_kl_full",  # exact reverse KL over the vocabulary at every visited prefix
+    "forward_kl",  # exact forward KL over the vocabulary
+    "jsd",  # generalized Jensen-Shannon divergence JSD(β)
+    "reverse_kl_topk",  # reverse KL inside the teacher's top-K support
+    "entropy_aware",  # reverse KL + forward KL where the teacher's entropy is high
+    "sft",  # baseline: the TEACHER generates, the student does cross-entropy on it
+    "grpo",  # baseline: RL with the task's verifiable reward, group-normalised advantages
+    "opd_grpo",  # sampled-token OPD advantage + reward_weight · GRPO advantage
+)
+
+#: which teacher signal each loss needs: "sampled" (log q of the sampled token), "topk", "full" (B, T, V)
+#: log-probs, or None (the teacher is not scored during training)
+TEACHER_SIGNAL = {
+    "reverse_kl_sampled": "sampled", "opd_grpo": "sampled", "reverse_kl_topk": "topk",
+    "reverse_kl_full": "full", "forward_kl": "full", "jsd": "full", "entropy_aware": "full",
+    "sft": None, "grpo": None,
+}
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its help text and allowed values stored in ``metadata`` (written once)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt))
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run of ``python -m opd_mini.train`` needs. See ``--help`` for each field."""
+
+    # --- models -----------------------------------------------------------------------------
+    student: str = opt("tiny", "student model: a Hugging Face id or a save_pretrained directory; 'tiny' = the "
+                       "offline tiny student from opd_mini.tiny (briefly SFT-warm-started, trained locally if missing)")
+    teacher: str = opt("tiny", "teacher model: a Hugging Face id or directory; 'tiny' = the offline tiny teacher; "
+                       "'self' = the student's own base model (self-distillation: scored with the LoRA adapter "
+                       "disabled, or a frozen copy when lora is off); 'none' only for grpo")
+    tokenizer: str = opt("", "tokenizer id or directory shared by student and teacher (empty = the student's)")
+    tiny_dir: str = opt("", "cache directory of the offline tiny models (empty = opd_mini.tiny's default)")
+    teacher_quantization: str = opt("none", "load the teacher in 8-bit or 4-bit (NF4, double quant) with "
+                                    "bitsandbytes", choices=("none", "8bit", "4bit"))
+    lora: bool = opt(True, "train LoRA adapters (true) or all the student's weights (false)")
+    lora_r: int = opt(8, "LoRA rank r of the adapter matrices B (d×r) and A (r×d)", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (the update is scaled by alpha / r)", gt=0)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input (0 keeps runs exactly reproducible)", ge=0, lt=1)
+    lora_target_modules: str = opt("all-linear", "modules that get adapters: 'all-linear' or a comma-separated "
+                                   "list of module names (e.g. q_proj,v_proj)")
+    gradient_checkpointing: bool = opt(False, "recompute student activations in backward to save memory")
+
+    # --- task -------------------------------------------------------------------------------
+    task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, jsonl:PATH or hf:DATASET[:split]")
+    retention_task: str = opt("", "a second task evaluated (never trained) to measure forgetting; empty = none")
+    use_chat_template: str = opt("auto", "wrap prompts in the tokenizer's chat template: auto (when it has one), "
+                                 "yes, no", choices=("auto", "yes", "no"))
+
+    # --- loss -------------------------------------------------------------------------------
+    loss: str = opt("reverse_kl_sampled", "training objective (see opd_mini/losses.py); sft and grpo are the "
+                    "baselines", choices=LOSSES)
+    gamma: float = opt(0.0, "reverse_kl_sampled/opd_grpo: discount of the return-to-go of −r_t "
+                       "(0 = token-level OPD, low variance; 1 = unbiased sequence-level estimator)", ge=0, le=1)
+    clip_log_ratio: float = opt(0.0, "reverse_kl_sampled/opd_grpo: clip the log-ratio r_t to [−c, c] (0 = off)", ge=0)
+    beta: float = opt(0.5, "jsd: mixture weight β of JSD(β); β=0 is forward KL, β=1 reverse KL, 0.5 symmetric JSD",
+                      ge=0, le=1)
+    top_k: int = opt(16, "reverse_kl_topk: size K of the teacher's top-K support (K >= 2)", ge=2)
+    add_sampled_token: bool = opt(True, "reverse_kl_topk: add the student's sampled token to the support")
+    renormalize: bool = opt(True, "reverse_kl_topk: renormalise both distributions inside the support "
+                            "(false collapses; kept for the ablation)")
+    entropy_threshold: float = opt(1.0, "entropy_aware: add forward KL where the teacher's entropy exceeds this "
+                                   "(nats)", ge=0)
+    reward_weight: float = opt(1.0, "opd_grpo: weight w of the GRPO reward advantage added to the OPD advantage",
+                               ge=0)
+    grpo_normalize_std: bool = opt(True, "grpo/opd_grpo: divide group advantages by the group's std "
+                                   "(false = Dr. GRPO, mean baseline only)")
+    mask_special_tokens: bool = opt(False, "leave special tokens (EOS, chat markers) out of the loss")
+
+    # --- optimisation -----------------------------------------------------------------------
+    steps: int = opt(100, "optimizer steps", ge=1)
+    lr: float = opt(1e-4, "peak learning rate of AdamW", gt=0)
+    lr_schedule: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "steps of linear warmup from 0 to lr", ge=0)
+    min_lr_ratio: float = opt(0.0, "linear/cosine: final learning rate as a fraction of lr", ge=0, le=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0)
+    prompts_per_step: int = opt(16, "distinct prompts per optimizer step", ge=1)
+    num_generations: int = opt(1, "samples per prompt (grpo/opd_grpo need >= 2 for a group baseline)", ge=1)
+    grad_accum: int = opt(1, "micro-batches per step (prompts_per_step must divide evenly); the loss is "
+                          "normalised by the token count of the whole step", ge=1)
+    loss_chunk_size: int = opt(0, "compute the student's per-token losses in chunks of this many positions so "
+                               "(B, T, V) fp32 logits never sit in memory at once (0 = one chunk)", ge=0)
+    teacher_chunk_size: int = opt(64, "positions per chunk of the teacher's lm_head + log-softmax", ge=1)
+    max_time_s: float = opt(0.0, "stop after this many seconds of training (sampling + scoring + updates, eval "
+                            "excluded); 0 = no limit", ge=0)
+
+    # --- sampling ---------------------------------------------------------------------------
+    max_new_tokens: int = opt(16, "maximum completion length in tokens", ge=1)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts (1 = on-policy)", gt=0)
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)", gt=0, le=1)
+    top_k_sampling: int = opt(0, "sample from the k most likely tokens only (0 = off)", ge=0)
+
+    # --- evaluation, logging, checkpoints ---------------------------------------------------
+    eval_every: int = opt(50, "evaluate every N steps, and at step 0 and the last step (0 = only those two)", ge=0)
+    eval_prompts: int = opt(64, "held-out prompts per evaluation", ge=1)
+    eval_samples: int = opt(4, "samples per held-out prompt (n of the unbiased pass@k estimator)", ge=1)
+    pass_k: int = opt(4, "k of pass@k (k <= eval_samples)", ge=1)
+    eval_temperature: float = opt(1.0, "sampling temperature at evaluation", gt=0)
+    save_every: int = opt(0, "write a checkpoint every N steps, and at the end (0 = only at the end)", ge=0)
+    keep_checkpoints: int = opt(1, "how many recent checkpoints to keep on disk", ge=1)
+    out_dir: str = opt("runs/opd", "directory of the metrics log, checkpoints and final model")
+    resume: bool = opt(False, "continue from the last checkpoint in out_dir (model, optimizer, scheduler, RNG, step)")
+    progress: bool = opt(True, "show a tqdm progress bar with live metrics")
+
+    # --- hardware and reproducibility -------------------------------------------------------
+    seed: int = opt(0, "seed of prompts, sampling and initialisation", ge=0)
+    threads: int = opt(0, "CPU threads of torch (0 = torch's default); tiny models run fastest with 1", ge=0)
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "weights/compute dtype: auto (bf16 on cuda if supported, else fp32)",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check types, ranges and cross-field rules; raise ValueError naming the field and the value."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, value := _coerce(f, value))
+            m = f.metadata
+            if m["choices"] is not None and value not in m["choices"]:
+                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(m['choices'])}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and math.isnan(value):
+                    raise ValueError(f"{f.name}=nan is not allowed; {_range_text(m)}")
+                bad = ((m["ge"] is not None and value < m["ge"]) or (m["gt"] is not None and value <= m["gt"])
+                       or (m["le"] is not None and value > m["le"]) or (m["lt"] is not None and value >= m["lt"]))
+                if bad:
+                    raise ValueError(f"{f.name}={value!r} is out of range; {_range_text(m)}")
+        if self.pass_k > self.eval_samples:
+            raise ValueError(f"pass_k={self.pass_k} is out of range; it must be <= eval_samples={self.eval_samples} "
+                             "(pass@k needs at least k samples per prompt)")
+        if self.prompts_per_step % self.grad_accum:
+            raise ValueError(f"grad_accum={self.grad_accum} is not allowed: it must divide prompts_per_step="
+                             f"{self.prompts_per_step} (each micro-batch holds prompts_per_step / grad_accum prompts)")
+        if self.loss in ("grpo", "opd_grpo") and self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations} is out of range for loss={self.loss}: "
+                             "it must be >= 2 (the group baseline needs several samples per prompt)")
+        if self.teacher == "none" and self.loss != "grpo":
+            raise ValueError(f"teacher='none' is only allowed with loss=grpo, not loss={self.loss}")
+        if self.teacher == "self" and self.teacher_quantization != "none":
+            raise ValueError(f"teacher_quantization={self.teacher_quantization!r} is not allowed with teacher='self' "
+                             "(the student's own base weights are the teacher); use 'none'")
+        if not self.task:
+            raise ValueError("task='' is not allowed; give a task spec such as reverse:3, add:3 or jsonl:PATH")
+        return self
+
+    # ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a dict of field values; a 'preset' key applies that preset first."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        _check_keys(values, source)
+        base = preset_values(preset) if preset else {}
+        return cls(**{**base, **values})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        return cls.from_dict({"preset": name, **overrides}, source="overrides")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        return cls.from_dict({**load_file(path), **overrides}, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+# ---------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Offline, on a laptop CPU: the tiny teacher and warm-started student of opd_mini.tiny, fp32.
+    "tiny-cpu": dict(
+        student="tiny", teacher="tiny", task="reverse:5", device="cpu", dtype="float32", threads=1,
+        lora=False, lr=3e-4, steps=100, prompts_per_step=32, num_generations=2, max_new_tokens=8,
+        eval_every=20, eval_prompts=128, eval_samples=4, pass_k=4, out_dir="runs/tiny-cpu",
+    ),
+    # One laptop GPU (about 8 GB): a 0.5B LoRA student and a 3B teacher of the same family in 4-bit.
+    "laptop-gpu": dict(
+        student="Qwen/Qwen2.5-0.5B-Instruct", teacher="Qwen/Qwen2.5-3B-Instruct", teacher_quantization="4bit",
+        task="add:4", retention_task="reverse:6", device="cuda", dtype="bfloat16",
+        lora=True, lora_r=16, lora_alpha=32, lr=1e-4, lr_schedule="cosine", warmup_steps=10, steps=200,
+        prompts_per_step=16, num_generations=4, grad_accum=4, max_new_tokens=32, loss_chunk_size=32,
+        gradient_checkpointing=True, eval_every=25, eval_prompts=128, eval_samples=4, pass_k=4,
+        save_every=50, out_dir="runs/laptop-gpu",
+    ),
+}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The overrides of a named preset (ValueError listing the presets when unknown)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not allowed; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# files and the command line
+# ---------------------------------------------------------------------------------------------
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or JSON (.json) file holding a mapping of field names to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field names to values, got {type(data).__name__}")
+    return data
+
+
+def build_parser(prog: str = "python -m opd_mini.train", description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with --preset, --config and one flag per TrainConfig field (help from the field)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=list(PRESETS), help="start from a named bundle of settings")
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of field values (flags override it)")
+    group = parser.add_argument_group("TrainConfig fields")
+    for f in fields(TrainConfig):
+        m = f.metadata
+        help_text = m["help"] + (f" (default: {f.default!r})" if f.default != "" else " (default: '')")
+        if _range_text(m) and m["choices"] is None:
+            help_text += f"; {_range_text(m)}"
+        flag = "--" + f.name
+        if f.type in (bool, "bool"):
+            kwargs = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            kwargs = dict(type=kind, choices=m["choices"], metavar=None if m["choices"] else f.name.upper())
+        group.add_argument(flag, help=help_text, **kwargs)
+        if "_" in f.name:  # --lora-r works as well as --lora_r (not listed in --help)
+            group.add_argument(flag.replace("_", "-"), dest=f.name, help=argparse.SUPPRESS, **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Precedence: defaults < preset < --config file < flags."""
+    given = vars(args).copy()
+    preset = given.pop("preset", None)
+    file = given.pop("config", None)
+    values: dict[str, Any] = {}
+    if preset:
+        values["preset"] = preset
+    if file:
+        file_values = load_file(file)
+        if "preset" in file_values and preset:  # a preset on the command line wins over one in the file
+            file_values.pop("preset")
+        values.update(file_values)
+    values.update({k: v for k, v in given.items() if k in _FIELD_NAMES})
+    return TrainConfig.from_dict(values, source=str(file) if file else "command line")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def field_docs() -> dict[str, str]:
+    """Field name → help text (for the README's table)."""
+    return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+_FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - _FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)} in {source}; valid fields: "
+                         f"preset, {', '.join(sorted(_FIELD_NAMES))}")
+
+
+def _range_text(m: dict) -> str:
+    parts = []
+    if m["ge"] is not None:
+        parts.append(f">= {m['ge']}")
+    if m["gt"] is not None:
+        parts.append(f"> {m['gt']}")
+    if m["le"] is not None:
+        parts.append(f"<= {m['le']}")
+    if m["lt"] is not None:
+        parts.append(f"< {m['lt']}")
+    return ("it must be " + " and ".join(parts)) if parts else ""
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Accept the obvious spellings from YAML/JSON (1 for 1.0, "true" for True); reject the rest by name."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (str, int)):
+                return _parse_bool(value)
+            raise TypeError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{f.name}={value!r} is not allowed; it must be a {kind}") from None
+    return value
