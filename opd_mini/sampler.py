@@ -33,7 +33,7 @@ class Rollouts:
     attention_mask: torch.Tensor  # (B, P+T) long: 1 on real prompt tokens and completion tokens up to the first EOS
     completion_ids: torch.Tensor  # (B, T) long: input_ids[:, P:]
     completion_mask: torch.Tensor  # (B, T) bool: generated tokens up to and including the first EOS
-    behaviour_logp: torch.Tensor  # (B, T) float32: log π_student(y_t|c_t) when sampled (raw logits); 0 where masked
+    behaviour_logp: torch.Tensor  # (B, T) float32: log π_student(y_t|c_t) under the sampling weights (raw logits); 0 where masked
     prompt_len: int  # P
     prompt_index: torch.Tensor  # (B,) long: index into the prompts list
     completions: list[str]  # decoded completion text up to the first EOS (special tokens skipped)
@@ -262,19 +262,23 @@ def sample(
             out = model.generate(
                 input_ids=prompt_ids_BP.to(device), attention_mask=prompt_mask_BP.to(device),
                 max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                eos_token_id=eos_ids or None, use_cache=True, return_dict_in_generate=True, output_logits=True,
+                eos_token_id=eos_ids or None, use_cache=True, return_dict_in_generate=True,
                 **NEUTRAL_GENERATION, **gen_kwargs,
             )
+            completion_ids_BT = out.sequences[:, P:]
+            rollouts = _assemble(tokenizer, prompt_ids_BP.to(device), prompt_mask_BP.to(device), completion_ids_BT,
+                                 eos_ids, pad_id, torch.zeros(completion_ids_BT.shape, device=device),
+                                 prompt_index_B.to(device), texts)
+            # Behaviour log-probs from one chunked no-grad forward of the same weights (still in eval mode)
+            # rather than generate(output_logits=True), which would keep T × (B, V) fp32 logits in memory.
+            # Padding rows of the head are never sampled, so the distribution is over len(tokenizer) tokens.
+            from opd_mini.student import sampled_token_logprobs  # student imports this module
+
+            vocab = min(head_rows, len(tokenizer)) if head_rows is not None else None
+            rollouts.behaviour_logp = sampled_token_logprobs(model, rollouts, vocab_size=vocab).float()
     finally:
         model.train(was_training)
-
-    completion_ids_BT = out.sequences[:, P:]
-    # out.logits: one (B, V) tensor of raw next-token logits per step; gather the sampled token's log-prob
-    behaviour_logp_BT = torch.stack(
-        [token_logprobs(step_logits_BV.unsqueeze(1), completion_ids_BT[:, t:t + 1]).squeeze(1)
-         for t, step_logits_BV in enumerate(out.logits)], dim=1)  # (B, T)
-    return _assemble(tokenizer, prompt_ids_BP.to(device), prompt_mask_BP.to(device), completion_ids_BT, eos_ids,
-                     pad_id, behaviour_logp_BT, prompt_index_B.to(device), texts)
+    return rollouts
 
 
 def build_rollouts(tokenizer, prompts: list[str], completions: list[str], *, use_chat_template: bool | str = "auto",

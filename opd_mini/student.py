@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from opd_mini.losses import token_logprobs
 from opd_mini.sampler import Rollouts
 
 
@@ -130,6 +131,22 @@ def project_logits(model, hidden_BTH: torch.Tensor, vocab_size: int | None = Non
     if softcap:
         logits_BTV = torch.tanh(logits_BTV / softcap) * softcap
     return logits_BTV[..., :vocab_size] if vocab_size is not None else logits_BTV
+
+
+@torch.no_grad()
+def sampled_token_logprobs(model, rollouts: Rollouts, vocab_size: int | None = None, chunk_size: int = 64) -> torch.Tensor:
+    """log π(y_t|c_t) of the rollouts' completion tokens under ``model``, shape (B, T), no grad; 0 where
+    the completion mask is False. One forward of the decoder, then the output head in chunks of
+    ``chunk_size`` positions, so the (B, T, V) logits never sit in memory at once."""
+    hidden_BTH, _ = completion_hidden(model, rollouts)
+    ids_BT = rollouts.completion_ids.to(hidden_BTH.device)
+    chunks = []
+    for start in range(0, ids_BT.shape[1], chunk_size):
+        logits_BCV = project_logits(model, hidden_BTH[:, start:start + chunk_size], vocab_size)
+        y_BC = ids_BT[:, start:start + chunk_size].clamp(max=logits_BCV.shape[-1] - 1)  # masked pads may exceed V
+        chunks.append(token_logprobs(logits_BCV, y_BC))
+    logp_BT = torch.cat(chunks, dim=1)
+    return torch.where(rollouts.completion_mask.to(logp_BT.device), logp_BT, torch.zeros_like(logp_BT))
 
 
 def completion_logits(model, rollouts: Rollouts, vocab_size: int | None = None) -> torch.Tensor:

@@ -31,6 +31,10 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 _NO_QUANT_HINT = "set teacher_quantization='none' (command line: --teacher_quantization none) to load it unquantized"
 
 
+class QuantizationError(RuntimeError):
+    """4/8-bit loading was asked for where bitsandbytes cannot run; the message says what to change."""
+
+
 def default_compute_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on a CUDA GPU that supports it (else float16); float32 elsewhere (CPUs have no fast bf16)."""
     device = torch.device(device)
@@ -49,13 +53,13 @@ def quantization_config(quantization: str, device: str | torch.device = "cpu",
         return None
     device = torch.device(device)
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"{quantization} quantization needs the bitsandbytes package, which is not installed: "
+        raise QuantizationError(f"{quantization} quantization needs the bitsandbytes package, which is not installed: "
                            f"`pip install bitsandbytes`, or {_NO_QUANT_HINT}")
     if device.type not in ("cpu", "cuda", "xpu"):
-        raise RuntimeError(f"bitsandbytes {quantization} quantization does not run on device {device.type!r} "
+        raise QuantizationError(f"bitsandbytes {quantization} quantization does not run on device {device.type!r} "
                            f"(it supports cpu, cuda and xpu): {_NO_QUANT_HINT}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"{quantization} quantization on {device} was asked for but CUDA is not available: "
+        raise QuantizationError(f"{quantization} quantization on {device} was asked for but CUDA is not available: "
                            f"use device='cpu', or {_NO_QUANT_HINT}")
     from transformers import BitsAndBytesConfig
 
@@ -87,7 +91,7 @@ def load_teacher(name_or_path, *, quantization: str = "none", device: str | torc
         except (OSError, ValueError, TypeError):
             raise  # a wrong path or a bad argument: the library's message is the clearest
         except Exception as e:  # bitsandbytes backend failures come in many types
-            raise RuntimeError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
+            raise QuantizationError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
                                f"({type(e).__name__}: {e}); {_NO_QUANT_HINT}") from e
     model.eval()
     model.requires_grad_(False)

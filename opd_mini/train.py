@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 3
-    except ValueError as e:  # invalid settings and inputs: the message says what to change
+    except (ValueError, teacher_lib.QuantizationError) as e:  # bad settings/inputs: the message says what to change
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))

@@ -21,9 +21,9 @@ def eos_happy_model(tiny_model, char_tokenizer):
     return tiny_model
 
 
-def _forward_logp(model, rollouts):
+def _forward_logp(model, rollouts, vocab_size=None):
     with torch.no_grad():
-        return token_logprobs(completion_logits(model, rollouts), rollouts.completion_ids)
+        return token_logprobs(completion_logits(model, rollouts, vocab_size), rollouts.completion_ids)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -203,5 +203,9 @@ def test_padding_rows_of_the_embedding_are_never_sampled(tiny_model, char_tokeni
         tiny_model.model.norm.weight.mul_(3.0)
     r = sample(tiny_model, char_tokenizer, PROMPTS, num_generations=4, max_new_tokens=8, seed=0)
     assert r.completion_ids.max() < V
-    logp_BT = _forward_logp(tiny_model, r)  # behaviour log-probs still come from the raw (untrimmed) logits
+    # behaviour log-probs are over the tokens that can be sampled (the head trimmed to len(tokenizer)), as the
+    # training loop's student log-probs are, so the on-policy importance ratio is exactly 1
+    logp_BT = _forward_logp(tiny_model, r, vocab_size=V)
     assert torch.allclose(logp_BT[r.completion_mask], r.behaviour_logp[r.completion_mask], atol=1e-4)
+    untrimmed = _forward_logp(tiny_model, r)
+    assert not torch.allclose(untrimmed[r.completion_mask], r.behaviour_logp[r.completion_mask], atol=1e-2)

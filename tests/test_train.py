@@ -180,3 +180,15 @@ def test_self_distillation_through_disabled_adapter(model_paths, tmp_path):
                       progress=False, out_dir=str(tmp_path / "self"))
     summary = train_mod.train(cfg)
     assert summary["eval_history"][0]["eval/kl_reverse"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_quantization_where_it_cannot_run_is_a_clear_error(model_paths, tmp_path, capsys, monkeypatch):
+    """A 4-bit teacher without bitsandbytes: exit code 2 and a message naming the fix, no traceback."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    assert main(base_args(model_paths, tmp_path / "q", teacher_quantization="4bit")) == 2
+    err = capsys.readouterr().err
+    assert "bitsandbytes" in err and "teacher_quantization" in err and "Traceback" not in err
