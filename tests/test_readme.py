@@ -47,3 +47,77 @@ def test_metrics_glossary_lists_every_logged_metric():
     glossary = README.split("<!-- metrics:start -->", 1)[1].split("<!-- metrics:end -->", 1)[0]
     missing = sorted(k for k in keys if f"`{k}`" not in glossary)
     assert not missing, f"README metrics glossary lacks {missing}; regenerate it from METRIC_DOCS"
+
+
+def _blocks(lang: str, section: str | None = None) -> list[str]:
+    text = README if section is None else README.split(section, 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)]
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_main_job_runs_and_writes_its_figures(tmp_path):
+    """The Quickstart's main job, `python -m toy`, run as it is (into a temporary --out)."""
+    import sys
+
+    out = _run([sys.executable, "-m", "toy", "--out", str(tmp_path)], cwd=ROOT)
+    for name in ("bias_variance.png", "bias_variance.json", "forgetting.png", "forgetting.json"):
+        assert (tmp_path / name).exists(), name
+    assert "figure" in out and "done in" in out
+
+
+def test_readme_loop_commands_run(tmp_path):
+    """Every `.venv/bin/python -m ...` line of the real-loop section runs (outputs go to runs/, ignored)."""
+    import shlex
+    import sys
+
+    lines = [line for block in _blocks("bash", "## The real loop") for line in block.splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        argv = shlex.split(line)
+        assert argv[0] == ".venv/bin/python"
+        if argv[1:3] == ["-m", "opd_mini.demo"]:  # the demo's defaults take a few minutes: run it small
+            argv += ["--steps", "3", "--seeds", "0", "--eval_prompts", "16", "--out", str(tmp_path / "demo")]
+        _run([sys.executable, *argv[1:]], cwd=ROOT)
+
+
+def test_readme_laptop_gpu_command_parses_and_fails_cleanly_without_cuda(capsys):
+    import shlex
+
+    import torch
+
+    from opd_mini.config import parse_args
+    from opd_mini.train import main
+
+    (line,) = [ln for ln in README.splitlines() if ln.startswith("python -m opd_mini.train --preset laptop-gpu")]
+    argv = shlex.split(line)[3:]  # drop "python -m opd_mini.train"
+    cfg = parse_args(argv)
+    assert cfg.device == "cuda" and cfg.teacher_quantization == "4bit" and cfg.lora
+    if not torch.cuda.is_available():
+        assert main(argv) == 2
+        assert "cuda" in capsys.readouterr().err.lower()
+
+
+def test_readme_python_api_block_runs(tmp_path, monkeypatch):
+    (code,) = _blocks("python", "## Public API")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert 0.0 <= namespace["summary"]["final_eval"]["eval/pass@1"] <= 1.0
+    assert namespace["logits_BTV"].grad_fn is not None and "kl/reverse_topk" in namespace["metrics"]
+
+
+def test_benchmark_script_runs_small(tmp_path):
+    import sys
+
+    out = _run([sys.executable, "benchmarks/bench_step.py", "--vocab", "512", "--batch", "2", "--prompt_len", "8",
+                "--new_tokens", "8", "--steps", "1", "--threads", "1"], cwd=ROOT)
+    assert "naive" in out and "topk" in out
