@@ -43,9 +43,11 @@ def teacher_row(cfg: TrainConfig) -> dict:
     from opd_mini.teacher import load_teacher
     from opd_mini.tiny import ensure_tiny_models
 
-    paths = ensure_tiny_models(cfg.tiny_dir or None, task=cfg.task)
-    tokenizer = AutoTokenizer.from_pretrained(str(paths["tokenizer"]))
-    teacher = load_teacher(str(paths["teacher"]), device="cpu")
+    paths = ensure_tiny_models(cfg.tiny_dir or None, task=cfg.task) if "tiny" in (cfg.teacher, cfg.student) else {}
+    teacher_path = str(paths["teacher"]) if cfg.teacher == "tiny" else cfg.teacher
+    tokenizer_path = cfg.tokenizer or (str(paths["tokenizer"]) if cfg.student == "tiny" else cfg.student)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    teacher = load_teacher(teacher_path, device="cpu")
     return evaluate(teacher, tokenizer, get_task(cfg.task), num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
                     k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature, seed=cfg.seed)
 
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated OPD loss variants; the first sets the wall-time budget of the SFT run")
     p.add_argument("--task", default=None, help="task spec (default: the tiny-cpu preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: the preset's)")
+    p.add_argument("--teacher", default=None, help="teacher model directory (default: the tiny teacher of the task)")
+    p.add_argument("--student", default=None, help="warm-started student directory (default: the tiny student)")
     p.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts per evaluation")
     p.add_argument("--out", default="runs/demo", help="output directory")
     args = p.parse_args(argv)
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in opd_losses if x not in LOSSES or x in ("sft", "grpo")]
     if bad or not opd_losses:
         p.error(f"--losses must name OPD variants from {', '.join(x for x in LOSSES if x not in ('sft', 'grpo'))}")
-    overrides = {k: v for k, v in dict(task=args.task, lr=args.lr, steps=args.steps).items() if v is not None}
+    overrides = dict(task=args.task, lr=args.lr, steps=args.steps, teacher=args.teacher, student=args.student)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     base = TrainConfig.from_preset("tiny-cpu", eval_every=0, eval_prompts=args.eval_prompts, progress=False,
                                    **overrides)
     samples_per_step = base.prompts_per_step * base.num_generations
