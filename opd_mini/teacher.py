@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from opd_mini.losses import token_logprobs
 from opd_mini.sampler import Rollouts
 from opd_mini.student import _is_peft, base_model, completion_hidden, project_logits
 
@@ -184,12 +185,15 @@ def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0,
             sampled, entropy, topk_ids, topk_logp, full_logp = [], [], [], [], []
             for start in range(0, T, chunk_size):
                 h_BCH = hidden_BTH[:, start:start + chunk_size]
-                logp_BCV = F.log_softmax(project_logits(teacher_model, h_BCH, vocab_size).float(), dim=-1)
-                if logp_BCV.shape[-1] != vocab_size:
-                    raise ValueError(f"the teacher produces {logp_BCV.shape[-1]} logits, "
+                logits_BCV = project_logits(teacher_model, h_BCH, vocab_size).float()
+                if logits_BCV.shape[-1] != vocab_size:
+                    raise ValueError(f"the teacher produces {logits_BCV.shape[-1]} logits, "
                                      f"fewer than vocab_size={vocab_size}")
                 y_BC = ids_BT[:, start:start + chunk_size].clamp(max=vocab_size - 1)  # masked pads may exceed it
-                sampled.append(logp_BCV.gather(-1, y_BC.unsqueeze(-1)).squeeze(-1))
+                # the same op as the student side (losses.token_logprobs), so a teacher identical to the student
+                # gives r_t = 0 exactly: an optimizer like Adam would otherwise amplify rounding into real steps
+                sampled.append(token_logprobs(logits_BCV, y_BC))
+                logp_BCV = F.log_softmax(logits_BCV, dim=-1)
                 p_BCV = logp_BCV.exp()
                 entropy.append(-(p_BCV * logp_BCV).nan_to_num(0.0).sum(-1))  # 0 · (−inf) = 0
                 if top_k > 0:
@@ -198,7 +202,7 @@ def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0,
                     topk_ids.append(indices)
                 if full:
                     full_logp.append(logp_BCV)
-                del logp_BCV, p_BCV
+                del logits_BCV, logp_BCV, p_BCV
     finally:
         teacher_model.train(was_training)
 

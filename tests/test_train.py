@@ -192,3 +192,15 @@ def test_quantization_where_it_cannot_run_is_a_clear_error(model_paths, tmp_path
     assert main(base_args(model_paths, tmp_path / "q", teacher_quantization="4bit")) == 2
     err = capsys.readouterr().err
     assert "bitsandbytes" in err and "teacher_quantization" in err and "Traceback" not in err
+
+
+def test_self_distillation_stays_at_the_base_model_under_adam(model_paths, tmp_path):
+    """OPD with the student's own base as teacher has r_t = 0 exactly, so even AdamW (which rescales tiny
+    gradients to full-size steps) must not move the adapters: teacher and student log-probs take one op path."""
+    cfg = TrainConfig(student=model_paths["student"], teacher="self", lora=True, device="cpu", dtype="float32",
+                      steps=8, lr=3e-3, prompts_per_step=4, num_generations=2, max_new_tokens=6, eval_every=0,
+                      eval_prompts=4, eval_samples=1, pass_k=1, progress=False, out_dir=str(tmp_path / "self"))
+    summary = train_mod.train(cfg)
+    assert summary["final_eval"]["eval/kl_reverse"] == pytest.approx(0.0, abs=1e-7)
+    lora_b = [v for k, v in trainable_state(tmp_path / "self").items() if "lora_B" in k]
+    assert lora_b and max(float(v.abs().max()) for v in lora_b) < 1e-6
