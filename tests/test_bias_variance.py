@@ -19,12 +19,6 @@ CFG = Config(V=3, Ts=(1, 2, 3, 4, 5), P=2, seed=0)
 SPECS = [("sampled_token", g) for g in GAMMAS] + [("full", None)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,6 @@ from toy.world import (
 KINDS = ["table", "lowrank", "mlp"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids thread start-up and contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
