@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from opd_mini import losses
+import toy
 from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, sample, sequence_kl
 
 ESTIMATORS = ("sampled_token", "full", "topk")
@@ -434,12 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = Config(V=args.V, Ts=tuple(args.Ts), gammas=tuple(args.gammas), P=args.P, teacher_scale=args.teacher_scale,
-                 student_scale=args.student_scale, topk=args.topk, seed=args.seed, enum_limit=args.enum_limit,
-                 mc_samples=args.mc_samples, batch_size=args.batch_size, train_T=args.train_T,
-                 train_steps=args.train_steps, lrs=tuple(args.lrs), optimizer=args.optimizer, train_seeds=args.train_seeds,
-                 eval_every=args.eval_every, threads=args.threads, fast=args.fast)
-    return cfg.apply_fast()
+    return toy.config_from_args(Config, args)
 
 
 def main(args: argparse.Namespace) -> dict:

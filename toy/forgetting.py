@@ -78,6 +78,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd_mini import losses
+import toy
 from toy.world import (MLPPolicy, Policy, TablePolicy, Task, World, copy_policy, make_student, make_tasks,
                        make_teacher, sample)
 
@@ -978,12 +979,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = Config(seed=args.seed, hidden=args.hidden, sd_lrs=tuple(args.sd_lrs), sd_optimizer=args.sd_optimizer,
-                 sd_steps=args.sd_steps, sd_seeds=args.sd_seeds, sd_fixed_size=args.sd_fixed_size,
-                 optimizer=args.optimizer, lr=args.lr, batch=args.batch, cl_steps=args.cl_steps,
-                 cl_recover_steps=args.cl_recover_steps, cmp_steps=args.cmp_steps,
-                 target_success=args.target_success, fast=args.fast)
-    return cfg.apply_fast()
+    return toy.config_from_args(Config, args)
 
 
 def main(args: argparse.Namespace) -> dict:
