@@ -29,26 +29,17 @@ TOLERANCE_B = 0.05  # success on B may move by at most this much during the +opd
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    """Run like the CLI does (one thread), so results match it bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def cfg() -> fg.Config:
     return fg.Config(fast=True).apply_fast()
 
 
 @pytest.fixture(scope="module")
-def setup(cfg, single_thread) -> fg.Setup:
+def setup(cfg) -> fg.Setup:
     return fg.build_setup(cfg)
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, single_thread):
+def cli_run(tmp_path_factory):
     """``python -m toy forgetting --fast`` into a temporary directory: (returned dict, JSON, out dir)."""
     from toy.__main__ import main
 
