@@ -1,6 +1,6 @@
 """Seconds and peak memory of one on-policy distillation step over a big vocabulary.
 
-Workload (the issue's): V = 151,936 (the Qwen2 vocabulary), a 2-layer hidden-64 Llama student and
+Workload: V = 151,936 (the Qwen2 vocabulary), a 2-layer hidden-64 Llama student and
 teacher (random init from ``opd_mini.tiny.tiny_config("bench")``, no download), batch 8, 128 prompt +
 128 new tokens, fully on-policy, AdamW on all student weights. Three paths, each in its own
 subprocess so that its peak memory is measured on its own:
@@ -109,18 +109,16 @@ def worker(args) -> dict:
 
     import torch
 
-    from opd_mini import losses, sampler, teacher as teacher_lib
-    from opd_mini.config import TrainConfig
-    from opd_mini.train import Models, loss_and_backward
+    from opd_mini import losses, registry, sampler, teacher as teacher_lib
+    from opd_mini.forward import completion_logits
+    from opd_mini.rollouts import MicroBatch
+    from opd_mini.student import loss_and_backward
 
     torch.set_num_threads(args.threads)
     tokenizer, student, teacher = build_world(args.vocab, args.device)
     V = teacher_lib.shared_vocab_size(tokenizer, student, teacher)
-    cfg = TrainConfig(student="bench", teacher="bench", loss="reverse_kl_topk", top_k=args.top_k, lora=False,
-                      loss_chunk_size=args.chunk if args.path == "topk-chunked" else 0,
-                      teacher_chunk_size=args.chunk, max_new_tokens=args.new_tokens, device=args.device,
-                      dtype="float32", prompts_per_step=args.batch)
-    m = Models(student, teacher, tokenizer, V, False, "bench", "bench")
+    spec, opts = registry.get_loss("reverse_kl_topk"), registry.LossOptions(top_k=args.top_k)
+    loss_chunk = args.chunk if args.path == "topk-chunked" else 0
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     param_bytes = sum(p.numel() * p.element_size() for mod in (student, teacher) for p in mod.parameters())
     adam_bytes = 2 * sum(p.numel() * 4 for p in student.parameters())
@@ -150,13 +148,11 @@ def worker(args) -> dict:
         mem.stop()
         mem.start("student")
         t4 = time.perf_counter()
-        batch = {"rollouts": rollouts, "ids_BT": rollouts.completion_ids, "mask_BT": mask_BT,
-                 "behaviour_logp_BT": rollouts.behaviour_logp, "num_tokens": int(mask_BT.sum()),
-                 "teacher_logp_BT": signal.sampled_logp, "topk_ids_BTK": signal.topk_ids,
-                 "topk_logp_BTK": signal.topk_logp, "teacher_full_BTV": None}
+        batch = MicroBatch(rollouts, registry.LossBatch(
+            tokens_BT=rollouts.completion_ids, mask_BT=mask_BT, num_tokens=int(mask_BT.sum()),
+            behaviour_logp_BT=rollouts.behaviour_logp, teacher_logp_BT=signal.sampled_logp,
+            teacher_topk_ids_BTK=signal.topk_ids, teacher_topk_logp_BTK=signal.topk_logp))
         if args.path == "naive-full":  # full student log-softmax kept alongside the teacher's (B, T, V)
-            from opd_mini.student import completion_logits
-
             logp_BTV = torch.log_softmax(completion_logits(student, rollouts, V).float(), dim=-1)
             loss, _ = losses.reverse_kl_topk(logp_BTV, signal.topk_ids, signal.topk_logp, mask_BT,
                                              sampled_ids_BT=rollouts.completion_ids,
@@ -164,7 +160,7 @@ def worker(args) -> dict:
             loss.backward()
             del logp_BTV
         else:
-            loss_and_backward(cfg, m, batch, lambda loss, mets: None)
+            loss_and_backward(student, batch, spec, opts, vocab_size=V, chunk_size=loss_chunk)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):

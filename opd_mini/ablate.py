@@ -13,14 +13,14 @@ Writes, under ``--out``::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import shutil
 import sys
 from pathlib import Path
 
-from opd_mini.config import LOSSES, TrainConfig, build_parser, config_from_args
+from opd_mini.config import TrainConfig, build_parser, config_from_args
+from opd_mini.registry import LOSS_REGISTRY
 from opd_mini.eval import EVAL_METRIC_DOCS
 from opd_mini.train import train
 
@@ -116,7 +116,7 @@ def plot_curves(results: list[dict], path: Path, metric: str = "eval/pass@1") ->
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(prog="python -m opd_mini.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", default="reverse_kl_sampled,reverse_kl_topk,sft",
-                        help=f"comma-separated loss variants, from: {', '.join(LOSSES)}")
+                        help=f"comma-separated loss variants, from: {', '.join(LOSS_REGISTRY)} (and any --loss_plugins registers)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--out", default="runs/ablation", help="output directory")
     args = parser.parse_args(argv)
@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("losses", "seeds", "out"):
         delattr(args, name)
     try:
-        unknown = [x for x in grid_losses if x not in LOSSES]
+        base = config_from_args(args)  # imports --loss_plugins, so their losses are registered below
+        unknown = [x for x in grid_losses if x not in LOSS_REGISTRY]
         if unknown or not grid_losses or not seeds:
-            raise ValueError(f"--losses must name loss variants from {', '.join(LOSSES)} and --seeds at least one "
-                             f"seed; got losses={grid_losses}, seeds={seeds}")
-        base = config_from_args(args)
+            raise ValueError(f"--losses must name loss variants from {', '.join(LOSS_REGISTRY)} and --seeds at least "
+                             f"one seed; got losses={grid_losses}, seeds={seeds}")
         for loss in grid_losses:  # validate each combination before spending time on any
             base.replace(loss=loss)
         results = run_grid(base, grid_losses, seeds, out)

@@ -5,7 +5,7 @@ Every field is declared once, with its default, its help text and its allowed ra
     lr: float = opt(1e-4, "peak learning rate of AdamW", gt=0)
 
 and from that single declaration come the ``--help`` text of every command, the ``--lr`` flag, the
-validation (a ``ValueError`` naming the field, the value and what is allowed) and the README's table.
+validation (a ``ValueError`` naming the field, the value and what is allowed).
 
 Three ways to build a config, applied in this order (later wins)::
 
@@ -26,30 +26,11 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-LOSSES = (
-    "reverse_kl_sampled",  # sampled-token reverse KL (policy-gradient form, return-to-go γ)
-    "reverse_kl_full",  # exact reverse KL over the vocabulary at every visited prefix
-    "forward_kl",  # exact forward KL over the vocabulary
-    "jsd",  # generalized Jensen-Shannon divergence JSD(β)
-    "reverse_kl_topk",  # reverse KL inside the teacher's top-K support
-    "entropy_aware",  # reverse KL + forward KL where the teacher's entropy is high
-    "sft",  # baseline: the TEACHER generates, the student does cross-entropy on it
-    "grpo",  # baseline: RL with the task's verifiable reward, group-normalised advantages
-    "opd_grpo",  # sampled-token OPD advantage + reward_weight · GRPO advantage
-)
+from opd_mini import registry
 
-#: which teacher signal each loss needs: "sampled" (log q of the sampled token), "topk", "full" (B, T, V)
-#: log-probs, or None (the teacher is not scored during training)
-TEACHER_SIGNAL = {
-    "reverse_kl_sampled": "sampled", "opd_grpo": "sampled", "reverse_kl_topk": "topk",
-    "reverse_kl_full": "full", "forward_kl": "full", "jsd": "full", "entropy_aware": "full",
-    "sft": None, "grpo": None,
-}
-
-
-def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+def opt(default: Any, help: str, *, choices: tuple | Callable[[], tuple] | None = None, ge: float | None = None,
         gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with its help text and allowed values stored in ``metadata`` (written once)."""
     return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt))
@@ -84,8 +65,12 @@ class TrainConfig:
                                  "yes, no", choices=("auto", "yes", "no"))
 
     # --- loss -------------------------------------------------------------------------------
-    loss: str = opt("reverse_kl_sampled", "training objective (see opd_mini/losses.py); sft and grpo are the "
-                    "baselines", choices=LOSSES)
+    loss: str = opt("reverse_kl_sampled", "training objective, a name in opd_mini.registry.LOSS_REGISTRY (a "
+                    "--loss_plugins file may register more); sft and grpo are the baselines", choices=registry.loss_names)
+    loss_plugins: str = opt("", "comma-separated Python files (path/to/file.py) or module names imported before the "
+                            "run; each may register losses with opd_mini.registry.register")
+    loss_args: str = opt("", "options of a user-registered loss as key=value pairs, comma-separated (e.g. "
+                         "alpha=0.3); the loss reads them from opts.extra")
     gamma: float = opt(0.0, "reverse_kl_sampled/opd_grpo: discount of the return-to-go of −r_t "
                        "(0 = token-level OPD, low variance; 1 = unbiased sequence-level estimator)", ge=0, le=1)
     clip_log_ratio: float = opt(0.0, "reverse_kl_sampled/opd_grpo: clip the log-ratio r_t to [−c, c] (0 = off)", ge=0)
@@ -152,12 +137,14 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check types, ranges and cross-field rules; raise ValueError naming the field and the value."""
+        registry.import_plugins(_coerce(_FIELDS["loss_plugins"], self.loss_plugins))  # before `loss` is checked
         for f in fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, value := _coerce(f, value))
             m = f.metadata
-            if m["choices"] is not None and value not in m["choices"]:
-                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(m['choices'])}")
+            choices = _choices(m)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if isinstance(value, float) and math.isnan(value):
                     raise ValueError(f"{f.name}=nan is not allowed; {_range_text(m)}")
@@ -171,11 +158,15 @@ class TrainConfig:
         if self.prompts_per_step % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum} is not allowed: it must divide prompts_per_step="
                              f"{self.prompts_per_step} (each micro-batch holds prompts_per_step / grad_accum prompts)")
-        if self.loss in ("grpo", "opd_grpo") and self.num_generations < 2:
+        spec = registry.get_loss(self.loss)
+        registry.parse_loss_args(self.loss_args)
+        if spec.reward and self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations} is out of range for loss={self.loss}: "
                              "it must be >= 2 (the group baseline needs several samples per prompt)")
-        if self.teacher == "none" and self.loss != "grpo":
-            raise ValueError(f"teacher='none' is only allowed with loss=grpo, not loss={self.loss}")
+        if self.teacher == "none" and (spec.signal is not None or spec.rollouts == "teacher"):
+            needs_none = [n for n, s in registry.LOSS_REGISTRY.items() if s.signal is None and s.rollouts == "student"]
+            raise ValueError(f"teacher='none' is only allowed with a loss that never calls the teacher "
+                             f"({', '.join(needs_none)}), not loss={self.loss}")
         if self.teacher == "self" and self.teacher_quantization != "none":
             raise ValueError(f"teacher_quantization={self.teacher_quantization!r} is not allowed with teacher='self' "
                              "(the student's own base weights are the teacher); use 'none'")
@@ -274,14 +265,15 @@ def build_parser(prog: str = "python -m opd_mini.train", description: str | None
     for f in fields(TrainConfig):
         m = f.metadata
         help_text = m["help"] + (f" (default: {f.default!r})" if f.default != "" else " (default: '')")
-        if _range_text(m) and m["choices"] is None:
+        choices = _choices(m)
+        if _range_text(m) and choices is None:
             help_text += f"; {_range_text(m)}"
         flag = "--" + f.name
         if f.type in (bool, "bool"):
             kwargs = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            kwargs = dict(type=kind, choices=m["choices"], metavar=None if m["choices"] else f.name.upper())
+            kwargs = dict(type=kind, choices=choices, metavar=None if choices else f.name.upper())
         group.add_argument(flag, help=help_text, **kwargs)
         if "_" in f.name:  # --lora-r works as well as --lora_r (not listed in --help)
             group.add_argument(flag.replace("_", "-"), dest=f.name, help=argparse.SUPPRESS, **kwargs)
@@ -306,11 +298,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from command-line arguments. The files of ``--loss_plugins`` (on the command line or in
+    the ``--config`` file) are imported first, so ``--loss`` accepts the losses they register."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--loss_plugins", "--loss-plugins", default=None)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    plugins = known.loss_plugins
+    if plugins is None and known.config:
+        plugins = load_file(known.config).get("loss_plugins", "")
+    registry.import_plugins(plugins or "")
     return config_from_args(build_parser().parse_args(argv))
 
 
 def field_docs() -> dict[str, str]:
-    """Field name → help text (for the README's table)."""
+    """Field name → help text (the same text as ``--help``)."""
     return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
@@ -318,7 +320,14 @@ def field_docs() -> dict[str, str]:
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-_FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_FIELD_NAMES = set(_FIELDS)
+
+
+def _choices(metadata: dict) -> tuple | None:
+    """A field's allowed values; a callable is asked each time (the losses registered so far)."""
+    choices = metadata["choices"]
+    return tuple(choices()) if callable(choices) else choices
 
 
 def _check_keys(values: dict[str, Any], source: str) -> None:

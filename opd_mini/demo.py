@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from opd_mini.config import LOSSES, TrainConfig
+from opd_mini.config import TrainConfig
+from opd_mini.registry import LOSS_REGISTRY
 from opd_mini.eval import evaluate
 from opd_mini.tasks import get_task
 from opd_mini.train import train
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     opd_losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    bad = [x for x in opd_losses if x not in LOSSES or x in ("sft", "grpo")]
+    opd_variants = [n for n, s in LOSS_REGISTRY.items() if s.signal is not None and s.rollouts == "student"]
+    bad = [x for x in opd_losses if x not in opd_variants]
     if bad or not opd_losses:
-        p.error(f"--losses must name OPD variants from {', '.join(x for x in LOSSES if x not in ('sft', 'grpo'))}")
+        p.error(f"--losses must name OPD variants (the student samples, the teacher scores) from {', '.join(opd_variants)}")
     overrides = dict(task=args.task, lr=args.lr, steps=args.steps, teacher=args.teacher, student=args.student)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     base = TrainConfig.from_preset("tiny-cpu", eval_every=0, eval_prompts=args.eval_prompts, progress=False,

@@ -510,3 +510,43 @@ def entropy_aware_kl(
     return loss, {"loss/total": loss.detach(), "kl/reverse_full": _masked_mean(rkl_BT, mask),
                   "kl/forward_full": _masked_mean(fkl_BT, mask), "teacher/entropy": _masked_mean(entropy_BT, mask),
                   "opd/high_entropy_frac": _masked_mean(high_BT.float(), mask)}
+
+
+def opd_grpo(
+    student_logp_BT: torch.Tensor,
+    teacher_logp_BT: torch.Tensor,
+    behaviour_logp_BT: torch.Tensor,
+    rewards_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    group_size: int,
+    gamma: float = 0.0,
+    clip_log_ratio: float | None = None,
+    reward_weight: float = 1.0,
+    normalize_std: bool = True,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Sampled-token OPD plus a verifiable reward, one policy-gradient loss with the mixed advantage::
+
+        r_t = log π_behaviour(y_t|c_t) − log q(y_t|c_t)            (taken at sampling time: a fixed reward)
+        A_t = −Σ_{t'≥t} γ^(t'−t) clip(r_t') + w · A^GRPO          (A^GRPO: the row's group-normalised reward)
+        loss = −(1/N) Σ_t ρ_t A_t
+
+    The OPD part is the dense per-token signal, the reward part the sparse sequence-level one
+    (:func:`grpo_advantages` over consecutive groups of ``group_size`` rows, :func:`mix_advantages`).
+    ``w = reward_weight`` (0 = OPD with behaviour-time log-ratios); ``clip_log_ratio=c`` clips r_t to
+    [−c, c]. Shapes: student_logp_BT (B, T) with grad, teacher_logp_BT and behaviour_logp_BT (B, T),
+    rewards_B (B,), mask_BT (B, T).
+    """
+    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
+                     behaviour_logp_BT=behaviour_logp_BT)
+    log_ratio_BT = behaviour_logp_BT - teacher_logp_BT.clamp(min=LOGP_FLOOR)
+    if clip_log_ratio:
+        log_ratio_BT = log_ratio_BT.clamp(-clip_log_ratio, clip_log_ratio)
+    opd_adv_BT = -return_to_go(log_ratio_BT, mask, gamma)
+    reward_adv_B = grpo_advantages(rewards_B, group_size, normalize_std=normalize_std)
+    adv_BT = mix_advantages(opd_adv_BT, reward_adv_B.to(opd_adv_BT.device), reward_weight)
+    loss, metrics = policy_gradient(student_logp_BT, adv_BT, mask, behaviour_logp_BT=behaviour_logp_BT,
+                                    num_tokens=num_tokens)
+    metrics["kl/reverse_sampled"] = log_ratio_BT[mask].mean() if mask.any() else torch.zeros(())
+    return loss, metrics

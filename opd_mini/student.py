@@ -1,4 +1,4 @@
-"""The student: load it (LoRA adapters or full fine-tuning), run it over rollouts, save it.
+"""The student: load it (LoRA adapters or full fine-tuning), its loss and backward pass, save it.
 
 A LoRA student is a peft ``PeftModel``: low-rank adapters ``W + (α/r)·B·A`` on every linear layer of
 the decoder by default (``lora_target_modules="all-linear"``; the output head is left alone), with the
@@ -16,24 +16,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Callable
+
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedModel
 
+from opd_mini.forward import completion_hidden, completion_logits, project_logits
+from opd_mini.loading import load_pretrained
 from opd_mini.losses import token_logprobs
-from opd_mini.sampler import Rollouts
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a hard requirement, but keep the check cheap
-        return False
-    return isinstance(model, PeftModel)
-
-
-def base_model(model) -> PreTrainedModel:
-    """The underlying ``*ForCausalLM`` (unwraps a peft model; its LoRA layers stay injected)."""
-    return model.get_base_model() if _is_peft(model) else model
+from opd_mini.registry import LossOptions, LossSpec, MetricMean
+from opd_mini.rollouts import MicroBatch
 
 
 def load_student(
@@ -56,7 +49,7 @@ def load_student(
     ``name_or_path``: a hub id or a local ``save_pretrained`` directory (or an already built model).
     ``adapter_path``: resume from saved adapters instead of fresh ones (implies ``lora``).
     ``quantization``: ``"4bit"``/``"8bit"`` loads the frozen base through bitsandbytes (QLoRA; needs
-    ``lora``), see :func:`opd_mini.teacher.quantization_config`. The model is returned in train mode.
+    ``lora``), see :func:`opd_mini.loading.quantization_config`. The model is returned in train mode.
     """
     if not lora and adapter_path is not None:
         raise ValueError("adapter_path is given but lora=False: adapters need lora=True")
@@ -65,12 +58,10 @@ def load_student(
                          "or quantization='none'")
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path.to(device=device, dtype=dtype)
-    elif quantization == "none":
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
     else:
-        from opd_mini.teacher import load_teacher
-
-        model = load_teacher(name_or_path, quantization=quantization, device=device, compute_dtype=dtype)
+        model = load_pretrained(name_or_path, quantization=quantization, device=device, dtype=dtype)
+        if quantization != "none":
+            model.requires_grad_(False)  # the frozen 4/8-bit base of QLoRA
 
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -79,8 +70,6 @@ def load_student(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora:
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
         if quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         if gradient_checkpointing:
@@ -98,72 +87,55 @@ def load_student(
     return model
 
 
-def _on_model_device(model, rollouts: Rollouts) -> Rollouts:
-    device = next(model.parameters()).device
-    return rollouts if rollouts.input_ids.device == device else rollouts.to(device)
+def loss_and_backward(model, batch: MicroBatch, spec: LossSpec, opts: LossOptions, *, vocab_size: int,
+                      chunk_size: int = 0, check: Callable | None = None) -> MetricMean:
+    """Student forward, the registered loss ``spec``, backward, for one micro-batch; returns its metrics.
 
-
-def completion_hidden(model, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn.Module]:
-    """Final hidden states at the positions that predict the completion tokens, and the output head.
-
-    Returns ``(hidden_BTH, lm_head)`` with ``lm_head(hidden_BTH)`` = the logits of
-    :func:`completion_logits` (before trimming), so a loss can project the vocabulary in chunks
-    along T. Gradients flow. Position t of the result is sequence position P-1+t.
-    (Models whose logits are more than ``lm_head(hidden)``, e.g. with final logit soft-capping, need
-    :func:`project_logits` instead of calling the head directly.)
+    Simple path (``chunk_size`` = 0): logits (B, T, V) in one piece. Chunked path: one forward of the
+    decoder gives hidden states (B, T, H); the output head runs on C positions at a time, so at most
+    (B, C, V) logits exist at once, and their gradient is accumulated into the hidden states, which are
+    back-propagated through the decoder once at the end. Token losses take two passes over the chunks:
+    the first (no grad) gives log π_θ(y_t) for all T (the loss may couple positions, e.g. γ > 0), the
+    loss's gradient w.r.t. those log-probs is then pushed through each chunk in the second.
+    ``check(loss, metrics)`` runs before each backward (the loop's non-finite diagnostic).
     """
-    base = base_model(model)
-    decoder = getattr(base, base.base_model_prefix)  # e.g. LlamaModel: embeddings, blocks, final norm
-    rollouts = _on_model_device(model, rollouts)
-    P, T = rollouts.prompt_len, rollouts.completion_ids.shape[1]
-    out = decoder(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
-                  position_ids=rollouts.position_ids(), use_cache=False)
-    hidden_BTH = out.last_hidden_state[:, P - 1:P + T - 1]
-    return hidden_BTH, base.get_output_embeddings()
+    check = check or (lambda loss, metrics: None)
+    inputs, ids_BT, metrics = batch.inputs, batch.inputs.tokens_BT, MetricMean()
+    if chunk_size == 0:  # ------------------------------------------------------------ simple path
+        logits_BTV = completion_logits(model, batch.rollouts, vocab_size)
+        x = token_logprobs(logits_BTV, ids_BT) if spec.kind == "token" else logits_BTV
+        loss, mets = spec.fn(x, inputs, opts)
+        check(loss, mets)
+        loss.backward()
+        metrics.add(mets, inputs.mask_BT)
+        return metrics
 
+    hidden_BTH, _ = completion_hidden(model, batch.rollouts)  # ----------------------------- chunked path
+    h_BTH = hidden_BTH.detach().requires_grad_()
+    T = ids_BT.shape[1]
+    spans = [slice(s, min(s + chunk_size, T)) for s in range(0, T, chunk_size)]
 
-def project_logits(model, hidden_BTH: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-    """Logits (B, T, V) from final hidden states: the output head, the model's final logit soft-capping
-    when its config has one, trimmed to the first ``vocab_size`` entries."""
-    base = base_model(model)
-    logits_BTV = base.get_output_embeddings()(hidden_BTH)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits_BTV = torch.tanh(logits_BTV / softcap) * softcap
-    return logits_BTV[..., :vocab_size] if vocab_size is not None else logits_BTV
+    def chunk_logits(s: slice) -> torch.Tensor:  # (B, C, V)
+        return project_logits(model, h_BTH[:, s], vocab_size)
 
-
-@torch.no_grad()
-def sampled_token_logprobs(model, rollouts: Rollouts, vocab_size: int | None = None, chunk_size: int = 64) -> torch.Tensor:
-    """log π(y_t|c_t) of the rollouts' completion tokens under ``model``, shape (B, T), no grad; 0 where
-    the completion mask is False. One forward of the decoder, then the output head in chunks of
-    ``chunk_size`` positions, so the (B, T, V) logits never sit in memory at once."""
-    hidden_BTH, _ = completion_hidden(model, rollouts)
-    ids_BT = rollouts.completion_ids.to(hidden_BTH.device)
-    chunks = []
-    for start in range(0, ids_BT.shape[1], chunk_size):
-        logits_BCV = project_logits(model, hidden_BTH[:, start:start + chunk_size], vocab_size)
-        y_BC = ids_BT[:, start:start + chunk_size].clamp(max=logits_BCV.shape[-1] - 1)  # masked pads may exceed V
-        chunks.append(token_logprobs(logits_BCV, y_BC))
-    logp_BT = torch.cat(chunks, dim=1)
-    return torch.where(rollouts.completion_mask.to(logp_BT.device), logp_BT, torch.zeros_like(logp_BT))
-
-
-def completion_logits(model, rollouts: Rollouts, vocab_size: int | None = None) -> torch.Tensor:
-    """Student logits (B, T, V) at the positions predicting the completion tokens, with grad.
-
-    One forward over ``input_ids`` (prompt + completion) with the rollouts' attention mask and position
-    ids; the logits at sequence positions P-1 .. P+T-2 predict completion tokens 0 .. T-1. Only those
-    T positions are projected on the vocabulary (``logits_to_keep``). Trimmed to ``vocab_size``
-    (the shared tokenizer length) when given. ``token_logprobs(completion_logits(m, r), r.completion_ids)``
-    reproduces the sampler's ``behaviour_logp`` on the masked-in positions.
-    """
-    rollouts = _on_model_device(model, rollouts)
-    T = rollouts.completion_ids.shape[1]
-    out = model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
-                position_ids=rollouts.position_ids(), use_cache=False, logits_to_keep=T + 1)
-    logits_BTV = out.logits[:, :-1]  # the last position predicts past the end of the sequence
-    return logits_BTV[..., :vocab_size] if vocab_size is not None else logits_BTV
+    if spec.kind == "token":
+        with torch.no_grad():
+            logp_BT = torch.cat([token_logprobs(chunk_logits(s), ids_BT[:, s]) for s in spans], dim=1)
+        logp_BT.requires_grad_()
+        loss, mets = spec.fn(logp_BT, inputs, opts)
+        check(loss, mets)
+        loss.backward()  # dloss/dlogp_BT into logp_BT.grad
+        for s in spans:
+            token_logprobs(chunk_logits(s), ids_BT[:, s]).backward(logp_BT.grad[:, s])
+        metrics.add(mets, inputs.mask_BT)
+    else:
+        for s in spans:
+            loss, mets = spec.fn(chunk_logits(s), inputs.slice_T(s), opts)
+            check(loss, mets)
+            loss.backward()
+            metrics.add(mets, inputs.mask_BT[:, s])
+    hidden_BTH.backward(h_BTH.grad)
+    return metrics
 
 
 def save_student(model, path: str | os.PathLike, tokenizer=None) -> Path:

@@ -14,61 +14,22 @@ would be 1.2 GB in float32). Each chunk keeps only what the losses need::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
+from opd_mini.forward import completion_hidden, embedding_rows, is_peft, project_logits
+from opd_mini.loading import QuantizationError, load_pretrained, quantization_config
 from opd_mini.losses import token_logprobs
-from opd_mini.sampler import Rollouts
-from opd_mini.student import _is_peft, base_model, completion_hidden, project_logits
+from opd_mini.rollouts import Rollouts
 
-QUANTIZATIONS = ("none", "8bit", "4bit")
-
-_NO_QUANT_HINT = "set teacher_quantization='none' (command line: --teacher_quantization none) to load it unquantized"
-
-
-class QuantizationError(RuntimeError):
-    """4/8-bit loading was asked for where bitsandbytes cannot run; the message says what to change."""
-
-
-def default_compute_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 on a CUDA GPU that supports it (else float16); float32 elsewhere (CPUs have no fast bf16)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def quantization_config(quantization: str, device: str | torch.device = "cpu",
-                        compute_dtype: torch.dtype | None = None):
-    """A transformers ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4 + double quantization),
-    or None for ``"none"``. Raises a clear error when bitsandbytes cannot run on ``device``."""
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization == "none":
-        return None
-    device = torch.device(device)
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationError(f"{quantization} quantization needs the bitsandbytes package, which is not installed: "
-                           f"`pip install bitsandbytes`, or {_NO_QUANT_HINT}")
-    if device.type not in ("cpu", "cuda", "xpu"):
-        raise QuantizationError(f"bitsandbytes {quantization} quantization does not run on device {device.type!r} "
-                           f"(it supports cpu, cuda and xpu): {_NO_QUANT_HINT}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QuantizationError(f"{quantization} quantization on {device} was asked for but CUDA is not available: "
-                           f"use device='cpu', or {_NO_QUANT_HINT}")
-    from transformers import BitsAndBytesConfig
-
-    compute_dtype = compute_dtype or default_compute_dtype(device)
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+#: ``quantization_config`` and ``QuantizationError`` live in :mod:`opd_mini.loading` and are kept here too,
+#: next to the teacher that uses them most.
+__all__ = ["QuantizationError", "TeacherSignal", "load_teacher", "quantization_config", "score",
+           "shared_vocab_size", "teacher_is_student_base"]
 
 
 def load_teacher(name_or_path, *, quantization: str = "none", device: str | torch.device = "cpu",
@@ -77,33 +38,13 @@ def load_teacher(name_or_path, *, quantization: str = "none", device: str | torc
 
     ``quantization``: ``"none"`` (weights in ``compute_dtype``), ``"8bit"`` (LLM.int8) or ``"4bit"``
     (NF4 with double quantization) through bitsandbytes. ``compute_dtype`` defaults to bfloat16 on a
-    CUDA GPU that supports it and float32 on the CPU. Where bitsandbytes cannot run, a RuntimeError
-    says why and what to do instead.
+    CUDA GPU that supports it and float32 on the CPU. Where bitsandbytes cannot run, a
+    :class:`QuantizationError` says why and what to do instead.
     """
-    device = torch.device(device)
-    compute_dtype = compute_dtype or default_compute_dtype(device)
-    bnb_config = quantization_config(quantization, device, compute_dtype)
-    if bnb_config is None:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=compute_dtype).to(device)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=bnb_config,
-                                                         dtype=compute_dtype, device_map={"": str(device)})
-        except (OSError, ValueError, TypeError):
-            raise  # a wrong path or a bad argument: the library's message is the clearest
-        except Exception as e:  # bitsandbytes backend failures come in many types
-            raise QuantizationError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
-                               f"({type(e).__name__}: {e}); {_NO_QUANT_HINT}") from e
+    model = load_pretrained(name_or_path, quantization=quantization, device=device, dtype=compute_dtype)
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def embedding_rows(model) -> int:
-    """Number of rows of the model's output head (its logits' size), padding rows included."""
-    head = base_model(model).get_output_embeddings()
-    rows = getattr(head, "out_features", None)
-    return int(rows if rows is not None else model.config.vocab_size)
 
 
 def shared_vocab_size(tokenizer, student_model, teacher_model, *, teacher_tokenizer=None) -> int:
@@ -143,7 +84,7 @@ class TeacherSignal:
 def teacher_is_student_base(student_model, teacher_name_or_path) -> bool:
     """True when ``student_model`` is a LoRA student whose base is ``teacher_name_or_path``: the teacher
     is then the student with its adapter disabled (``score(..., disable_adapter=True)``), no second copy."""
-    if not _is_peft(student_model) or teacher_name_or_path is None:
+    if not is_peft(student_model) or teacher_name_or_path is None:
         return False
     base = student_model.peft_config[student_model.active_adapter].base_model_name_or_path
     if base is None:
@@ -170,7 +111,7 @@ def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not (0 <= top_k <= vocab_size):
         raise ValueError(f"top_k must lie in [0, vocab_size={vocab_size}], got {top_k}")
-    if disable_adapter and not _is_peft(teacher_model):
+    if disable_adapter and not is_peft(teacher_model):
         raise ValueError("disable_adapter=True needs a peft (LoRA) model: the teacher would be its base model")
     device = next(teacher_model.parameters()).device
     rollouts = rollouts.to(device)

@@ -5,7 +5,8 @@ from dataclasses import fields
 
 import pytest
 
-from opd_mini.config import LOSSES, PRESETS, TrainConfig, build_parser, field_docs, parse_args
+from opd_mini.registry import LOSS_REGISTRY
+from opd_mini.config import PRESETS, TrainConfig, build_parser, field_docs, parse_args
 
 BAD_VALUES = [
     ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("steps", 0), ("gamma", 1.5), ("gamma", -0.1),
@@ -94,4 +95,4 @@ def test_cli_flags_and_choices():
     with pytest.raises(SystemExit):
         parse_args(["--loss", "not_a_loss"])
     assert parse_args(["--teacher-quantization", "4bit", "--lora-r", "4"]).lora_r == 4  # dashed spellings too
-    assert set(LOSSES) >= {"reverse_kl_sampled", "reverse_kl_topk", "sft", "grpo", "opd_grpo", "jsd"}
+    assert set(LOSS_REGISTRY) >= {"reverse_kl_sampled", "reverse_kl_topk", "sft", "grpo", "opd_grpo", "jsd"}

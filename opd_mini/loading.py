@@ -1,0 +1,88 @@
+"""Loading a Hugging Face causal LM for opd_mini: the device and dtype, and 4/8-bit quantization.
+
+``load_pretrained`` takes a hub id or a local ``save_pretrained`` directory; ``"8bit"`` (LLM.int8) and
+``"4bit"`` (NF4 with double quantization) go through bitsandbytes. Where bitsandbytes cannot run, a
+:class:`QuantizationError` says why and what to change, instead of a library traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from transformers import AutoModelForCausalLM
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+_NO_QUANT_HINT = "set teacher_quantization='none' (command line: --teacher_quantization none) to load it unquantized"
+
+
+class QuantizationError(RuntimeError):
+    """4/8-bit loading was asked for where bitsandbytes cannot run; the message says what to change."""
+
+
+def default_compute_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on a CUDA GPU that supports it (else float16); float32 elsewhere (CPUs have no fast bf16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, device: str | torch.device = "cpu",
+                        compute_dtype: torch.dtype | None = None):
+    """A transformers ``BitsAndBytesConfig`` for ``"8bit"`` / ``"4bit"`` (NF4 + double quantization),
+    or None for ``"none"``. Raises a clear error when bitsandbytes cannot run on ``device``."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
+        return None
+    device = torch.device(device)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationError(f"{quantization} quantization needs the bitsandbytes package, which is not installed: "
+                           f"`pip install bitsandbytes`, or {_NO_QUANT_HINT}")
+    if device.type not in ("cpu", "cuda", "xpu"):
+        raise QuantizationError(f"bitsandbytes {quantization} quantization does not run on device {device.type!r} "
+                           f"(it supports cpu, cuda and xpu): {_NO_QUANT_HINT}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QuantizationError(f"{quantization} quantization on {device} was asked for but CUDA is not available: "
+                           f"use device='cpu', or {_NO_QUANT_HINT}")
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_pretrained(name_or_path, *, quantization: str = "none", device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None):
+    """A ``*ForCausalLM`` from a hub id or directory: weights in ``dtype`` (default: see
+    :func:`default_compute_dtype`), or 4/8-bit through bitsandbytes with ``dtype`` as the compute dtype."""
+    device = torch.device(device)
+    dtype = dtype or default_compute_dtype(device)
+    bnb_config = quantization_config(quantization, device, dtype)
+    if bnb_config is None:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=bnb_config, dtype=dtype,
+                                                    device_map={"": str(device)})
+    except (OSError, ValueError, TypeError):
+        raise  # a wrong path or a bad argument: the library's message is the clearest
+    except Exception as e:  # bitsandbytes backend failures come in many types
+        raise QuantizationError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
+                                f"({type(e).__name__}: {e}); {_NO_QUANT_HINT}") from e
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``device`` auto|cpu|cuda and ``dtype`` auto|float32|bfloat16|float16 → concrete values
+    (auto: cuda when available; bf16 on a cuda GPU that supports it, else fp32)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False: use --device cpu (or auto)")
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        bf16 = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
+        return resolved, torch.bfloat16 if bf16 else torch.float32
+    return resolved, getattr(torch, dtype)

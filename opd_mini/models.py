@@ -1,0 +1,63 @@
+"""The models of one run: the tokenizer, the student (LoRA or full) and the teacher, from a TrainConfig.
+
+``'tiny'`` names resolve to the offline tiny world of :mod:`opd_mini.tiny`. With a LoRA student whose
+teacher is its own base (``teacher='self'``, or the same path unquantized), no second copy is loaded:
+the teacher is the student with its adapter disabled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from opd_mini.config import TrainConfig
+from opd_mini.student import load_student
+from opd_mini.teacher import load_teacher, shared_vocab_size
+from opd_mini.tiny import ensure_tiny_models
+
+
+@dataclass
+class Models:
+    student: Any  # peft PeftModel (lora) or the plain *ForCausalLM, trainable
+    teacher: Any  # frozen teacher, or None when the teacher is the student's base ("self" + lora) or "none"
+    tokenizer: Any
+    vocab_size: int  # shared tokenizer length: logits are trimmed to it
+    teacher_is_student_base: bool  # self-distillation: score the student with its adapter disabled
+    student_path: str
+    teacher_path: str
+
+    @property
+    def scorer(self):
+        """The model that scores as the teacher (the student itself when its base is the teacher), or None."""
+        return self.student if self.teacher_is_student_base else self.teacher
+
+
+def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
+    """Tokenizer, student (LoRA or full) and teacher; 'tiny' names resolve to the offline tiny world."""
+    paths = {"student": cfg.student, "teacher": cfg.teacher, "tokenizer": cfg.tokenizer or cfg.student}
+    if "tiny" in (cfg.student, cfg.teacher):
+        tiny = ensure_tiny_models(cfg.tiny_dir or None, task=cfg.task, progress=cfg.progress)
+        paths = {k: (str(tiny[k]) if v == "tiny" else v) for k, v in paths.items()}
+        if cfg.tokenizer == "" and cfg.student == "tiny":
+            paths["tokenizer"] = str(tiny["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    student = load_student(
+        paths["student"], lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        lora_target_modules=_target_modules(cfg.lora_target_modules), device=device, dtype=dtype,
+        gradient_checkpointing=cfg.gradient_checkpointing)
+    teacher, self_base = None, False
+    same_weights = cfg.teacher == "self" or (paths["teacher"] == paths["student"] and cfg.teacher_quantization == "none")
+    if cfg.lora and same_weights:
+        self_base = True  # no second copy: the base weights under the adapter are the teacher
+    elif cfg.teacher != "none":
+        name = paths["student"] if cfg.teacher == "self" else paths["teacher"]
+        teacher = load_teacher(name, quantization=cfg.teacher_quantization, device=device, compute_dtype=dtype)
+    vocab_size = shared_vocab_size(tokenizer, student, teacher if teacher is not None else student)
+    return Models(student, teacher, tokenizer, vocab_size, self_base, paths["student"], paths["teacher"])
+
+
+def _target_modules(spec: str) -> str | list[str]:
+    return spec if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
