@@ -121,8 +121,7 @@ def num_threads(n: int | None):
     """Run the block with ``n`` torch intra-op threads (None: leave as is).
 
     Tiny models run fastest on one thread: their matrices are too small to split, and on a shared
-    machine idle worker threads spin and steal time (on 2 busy cores one SFT step took 16 ms of CPU
-    time with 1 thread and over 500 ms with 2).
+    machine idle worker threads spin and steal time from the one doing the work.
     """
     old = torch.get_num_threads()
     if n is not None:
@@ -212,13 +211,13 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 def tiny_recipe(task: str) -> dict:
     """Training recipe of the teacher (from scratch) and the warm-started student for ``task``.
 
-    Measured on 2 shared CPU cores, one thread (``info.json`` of a trained pair records the figures):
-    on reverse:5 the teacher reaches 100 % greedy exact match after 300 steps (~10 s); the student is
-    stopped after 240 steps at ~47 %, on the steep part of its learning curve (600 steps would reach
-    100 %), so continued training has room to show.
+    ``info.json`` of a trained pair records its accuracies and training times. On reverse:5 the teacher
+    reaches 100 % greedy exact match after 300 steps; the student is stopped after 240 steps at ~47 %,
+    on the steep part of its learning curve (600 steps would reach 100 %), so continued training has
+    room to show.
 
     Addition is harder: models sit on a long plateau (~1 %) before they suddenly learn to carry. The
-    teacher needs 800 steps of 128 (99.6 % on add:3, ~40 s). No student recipe found so far lands
+    teacher needs 800 steps of 128 (99.6 % on add:3). No student recipe found so far lands
     reliably between the plateau and mastery: the width-32 student was still at 1 % after 2,000 steps
     (width 48: 10 % after 1,500); a student of the teacher's width (``config`` overrides) reached
     26 % after 600 steps with one seed and 1 % with another. Prefer reverse:N for the tiny-world demo.
@@ -307,8 +306,8 @@ def ensure_tiny_models(cache_dir: str | os.PathLike | None = None, *, task: str 
 
     Lookup order: the checkpoints shipped in the package (when ``cache_dir`` is None and the recipe
     matches), then ``cache_dir/<task>-seed<seed>-v<version>`` (default :func:`default_cache_dir`); a
-    missing pair is copied from the shipped assets when they match, else trained (about 20 s for
-    reverse:5 on 2 CPU cores) and written atomically, so repeated calls are instant.
+    missing pair is copied from the shipped assets when they match, else trained (seconds on a CPU for
+    reverse:5) and written atomically, so repeated calls are instant.
     ``force=True`` retrains.
     """
     key = _key(task, seed)

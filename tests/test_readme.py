@@ -121,3 +121,17 @@ def test_benchmark_script_runs_small(tmp_path):
     out = _run([sys.executable, "benchmarks/bench_step.py", "--vocab", "512", "--batch", "2", "--prompt_len", "8",
                 "--new_tokens", "8", "--steps", "1", "--threads", "1"], cwd=ROOT)
     assert "naive" in out and "topk" in out
+
+
+def test_readme_own_loss_block_runs(tmp_path, monkeypatch):
+    """The "Your own loss" example registers a loss from user code and trains it through `train`."""
+    from opd_mini import registry
+
+    (code,) = _blocks("python", "## Your own loss")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(registry, "LOSS_REGISTRY", dict(registry.LOSS_REGISTRY))  # leave the table as it was
+    namespace: dict = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["summary"]["steps_done"] == 2 and "mixed_kl" in registry.LOSS_REGISTRY
+    log = (tmp_path / "runs" / "readme-mixed" / "metrics.jsonl").read_text().splitlines()
+    assert "kl/forward_full" in log[-1]
