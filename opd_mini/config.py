@@ -48,6 +48,8 @@ class TrainConfig:
                        "disabled, or a frozen copy when lora is off); 'none' only for grpo")
     tokenizer: str = opt("", "tokenizer id or directory shared by student and teacher (empty = the student's)")
     tiny_dir: str = opt("", "cache directory of the offline tiny models (empty = opd_mini.tiny's default)")
+    check_tokenizers: bool = opt(True, "stop unless the teacher's own tokenizer (when its directory or hub id has "
+                                 "one) matches the student's: vocabulary id → token, EOS/BOS/UNK, chat template")
     teacher_quantization: str = opt("none", "load the teacher in 8-bit or 4-bit (NF4, double quant) with "
                                     "bitsandbytes", choices=("none", "8bit", "4bit"))
     lora: bool = opt(True, "train LoRA adapters (true) or all the student's weights (false)")
@@ -60,6 +62,10 @@ class TrainConfig:
 
     # --- task -------------------------------------------------------------------------------
     task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, jsonl:PATH or hf:DATASET[:split]")
+    eval_task: str = opt("", "task whose prompts evaluate the run (e.g. jsonl:eval.jsonl; then the whole training "
+                         "file is trained on); empty = the training task's held-out split")
+    eval_fraction: float = opt(0.1, "jsonl/hf tasks without --eval_task: fraction of the file held out for "
+                               "evaluation and never trained on", ge=0, lt=1)
     retention_task: str = opt("", "a second task evaluated (never trained) to measure forgetting; empty = none")
     use_chat_template: str = opt("auto", "wrap prompts in the tokenizer's chat template: auto (when it has one), "
                                  "yes, no", choices=("auto", "yes", "no"))

@@ -55,6 +55,17 @@ def held_out_seed(seed: int) -> int:
     return 1_000_003 + seed
 
 
+def held_out_examples(task: Task, num_prompts: int, seed: int, split: str = "eval") -> list:
+    """The evaluation prompts :func:`evaluate` uses: ``num_prompts`` examples of ``split`` (capped at the
+    split's size for a file task), drawn with :func:`held_out_seed`."""
+    size = task.split_size(split)
+    if size == 0:
+        raise ValueError(f"task {task.name!r} has {task.split_size('all')} example(s), too few to hold any out for "
+                         "evaluation: give a larger file, or a separate evaluation file with --eval_task jsonl:PATH")
+    return task.examples(num_prompts if size is None else min(num_prompts, size), seed=held_out_seed(seed),
+                         split=split)
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -71,14 +82,17 @@ def evaluate(
     score_teacher: Callable | None = None,
     retention_task: Task | None = None,
     prefix: str = "eval/",
+    split: str = "eval",
 ) -> dict[str, float]:
     """Sample ``num_samples`` completions for each of ``num_prompts`` held-out prompts and score them.
 
     ``score_teacher(rollouts) -> TeacherSignal`` (sampled log-probs only) adds ``eval/kl_reverse``;
     ``retention_task`` adds ``eval/retention_pass@1``. Sampling is seeded, so two evaluations of the
-    same weights give the same numbers. Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
+    same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
+    part by default; at most its size). Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
     """
-    examples = task.examples(num_prompts, seed=held_out_seed(seed))
+    examples = held_out_examples(task, num_prompts, seed, split)
+    num_prompts = len(examples)
     rollouts = sampler.sample(model, tokenizer, [e.prompt for e in examples], num_generations=num_samples,
                               max_new_tokens=max_new_tokens, temperature=temperature,
                               use_chat_template=use_chat_template, seed=held_out_seed(seed))
@@ -99,7 +113,7 @@ def evaluate(
     if retention_task is not None:
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            use_chat_template=use_chat_template, prefix="retention/")
+                            use_chat_template=use_chat_template, prefix="retention/", split="all")
         out[f"{prefix}retention_pass@1"] = retained["retention/pass@1"]
     return out
 

@@ -7,6 +7,7 @@ the teacher is the student with its adapter disabled.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 
 from opd_mini.config import TrainConfig
 from opd_mini.student import load_student
-from opd_mini.teacher import load_teacher, shared_vocab_size
+from opd_mini.teacher import check_same_tokenizer, load_teacher, shared_vocab_size
 from opd_mini.tiny import ensure_tiny_models
 
 
@@ -55,8 +56,24 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     elif cfg.teacher != "none":
         name = paths["student"] if cfg.teacher == "self" else paths["teacher"]
         teacher = load_teacher(name, quantization=cfg.teacher_quantization, device=device, compute_dtype=dtype)
+    if teacher is not None and cfg.check_tokenizers:
+        check_teacher_tokenizer(tokenizer, paths["teacher"] if cfg.teacher != "self" else paths["student"],
+                                chat_template=cfg.use_chat_template != "no")
     vocab_size = shared_vocab_size(tokenizer, student, teacher if teacher is not None else student)
     return Models(student, teacher, tokenizer, vocab_size, self_base, paths["student"], paths["teacher"])
+
+
+def check_teacher_tokenizer(tokenizer, teacher_path: str, *, chat_template: bool) -> None:
+    """Compare the teacher's own tokenizer with the run's (:func:`opd_mini.teacher.check_same_tokenizer`).
+
+    A teacher saved without tokenizer files cannot be checked: that is said on stderr, not guessed."""
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+    except (OSError, ValueError) as e:
+        print(f"warning: the teacher {teacher_path} has no loadable tokenizer ({type(e).__name__}), so its vocabulary "
+              "cannot be checked against the student's; make sure they share one", file=sys.stderr)
+        return
+    check_same_tokenizer(tokenizer, teacher_tokenizer, chat_template=chat_template)
 
 
 def _target_modules(spec: str) -> str | list[str]:

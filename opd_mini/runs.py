@@ -12,11 +12,15 @@ after the checkpoint (by a run killed between the two) are dropped, so the log m
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,53 @@ from opd_mini.student import save_student
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss, a metric or the gradient norm is NaN or inf; the message is the diagnostic."""
+
+
+#: Settings a resumed run cannot change: they decide which weights the checkpoint's tensors belong to.
+FIXED_ON_RESUME = ("student", "teacher", "tokenizer", "tiny_dir", "teacher_quantization", "lora", "lora_r",
+                   "lora_alpha", "lora_dropout", "lora_target_modules", "dtype")
+#: Settings whose change means nothing for a run (how it is shown, not what it computes).
+IGNORED_ON_RESUME = ("resume", "progress")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run directory: one run at a time
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def locked_out_dir(out_dir: str | Path):
+    """Create ``out_dir`` and hold an exclusive lock on it (``out_dir/.lock``) for the duration of the block.
+
+    A second run started into the same directory gets a ValueError naming the holder, instead of both
+    writing one metrics log. The lock is an ``flock`` on an open file, so the operating system releases
+    it when the process ends, however it ends: a killed run leaves no stale lock behind.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / ".lock", "a+")
+    except FileExistsError:
+        raise ValueError(f"out_dir {out_dir} exists and is not a directory: choose another --out_dir") from None
+    except OSError as e:
+        raise ValueError(f"out_dir {out_dir} cannot be written ({e.strerror}): choose a writable --out_dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"out_dir {out_dir} is in use by another run ({holder}): wait for it to finish, or choose "
+                         "another --out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    try:
+        yield out_dir
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +107,7 @@ def save_checkpoint(out_dir: str | Path, student, tokenizer, optimizer, schedule
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
     torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "trainer_config.json").write_text(json.dumps(config, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -64,9 +116,42 @@ def save_checkpoint(out_dir: str | Path, student, tokenizer, optimizer, schedule
     return final
 
 
+def saved_config(path: Path) -> dict:
+    """The TrainConfig (as a dict) a checkpoint was written with, without loading its tensors."""
+    try:
+        return json.loads((path / "trainer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return read_state(path)["config"]
+
+
+def read_state(path: Path) -> dict:
+    """``path/trainer_state.pt``; a truncated or unreadable file is a ValueError naming it."""
+    file = path / "trainer_state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"checkpoint file {file} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def resume_changes(saved: dict, now: dict) -> dict:
+    """The settings that differ between a checkpoint's config and the resumed run's, as {name: (then, now)}.
+
+    Those in :data:`FIXED_ON_RESUME` are a ValueError: the checkpoint's tensors would not fit the models
+    the new settings describe. Every other change is applied from the resumed step on (the loop reads
+    the config each step; the learning rate and weight decay are written into the restored optimizer).
+    """
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in IGNORED_ON_RESUME}
+    fixed = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
+    if fixed:
+        listed = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in fixed.items())
+        raise ValueError(f"--resume cannot change {listed}: the checkpoint holds weights for the old setting; "
+                         "resume with the checkpoint's values, or start a new run in another --out_dir")
+    return changed
+
+
 def load_checkpoint(path: Path, student, optimizer, scheduler) -> tuple[int, float, dict]:
     """Restore weights, optimizer, scheduler and RNG states; return (step, train_time, saved config)."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = read_state(path)
     params = dict(student.named_parameters())
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -81,6 +166,20 @@ def load_checkpoint(path: Path, student, optimizer, scheduler) -> tuple[int, flo
     return state["step"], state["train_time"], state["config"]
 
 
+def load_latest_checkpoint(paths: list[Path], student, optimizer, scheduler) -> tuple[Path, int, float, dict]:
+    """Restore the newest readable checkpoint of ``paths`` (oldest first), saying on stderr when one is skipped
+    because its state file is damaged; a ValueError when none can be read. Returns (path, step, time, config)."""
+    errors = []
+    for path in reversed(paths):
+        try:
+            return (path, *load_checkpoint(path, student, optimizer, scheduler))
+        except ValueError as e:
+            errors.append(str(e))
+            print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+    raise ValueError(f"no checkpoint in {paths[-1].parent} can be read: {errors[0]}; delete the damaged one to "
+                     "start over, or restore it")
+
+
 # ---------------------------------------------------------------------------------------------
 # the metrics log
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +191,15 @@ def append_log(path: Path, row: dict) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of a metrics log; a line that does not parse is a ValueError naming the file and line."""
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines() if path.exists() else [], start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}); fix or delete that line") from None
+    return rows
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -7,6 +7,12 @@ Specs understood by :func:`get_task`::
     jsonl:PATH         one {"prompt": ..., "answer": ...} object per line
     hf:NAME[:SPLIT]    a Hugging Face dataset (needs `pip install datasets` and a network)
 
+Held-out evaluation: a file task (``jsonl:``, ``hf:``) is split once, deterministically, into a training
+part and a held-out part (``eval_fraction`` of it, 10 % by default), and ``examples(n, seed, split=...)``
+draws from ``"train"``, ``"eval"`` or ``"all"``. A generated task (``reverse:N``, ``add:N``) draws fresh
+random prompts for every split; when it has few distinct prompts (``reverse:2`` has 100), evaluation
+prompts will also have been trained on, which the training summary measures and reports.
+
 The built-in prompts end with a separator character (``>`` or ``=``) so that a character-level model
 sees where the answer starts; the answer is followed by the tokenizer's EOS token in training data.
 The reward is exact match: 1.0 when the completion, cut at the first EOS and stripped of surrounding
@@ -51,12 +57,22 @@ class Task:
 
     name: str = "task"
 
-    def examples(self, n: int, seed: int) -> list[Example]:
-        """``n`` examples, deterministic in ``seed`` (different seeds give different draws)."""
+    def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
+        """``n`` examples, deterministic in ``seed`` (different seeds give different draws). A generated
+        task has no fixed split: every ``split`` draws fresh random prompts."""
+        _check_split(split)
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         rng = random.Random(f"{self.name}/{seed}")
         return [self._example(rng) for _ in range(n)]
+
+    def split_size(self, split: str) -> int | None:
+        """Number of distinct examples in ``split``; None for a generated task (unbounded)."""
+        return None
+
+    def describe_split(self, split: str) -> str:
+        """One line saying where the examples of ``split`` come from (for summaries)."""
+        return f"fresh random prompts of {self.name}"
 
     def _example(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -105,35 +121,68 @@ class AddTask(Task):
 
 
 class ListTask(Task):
-    """A fixed list of examples (from a JSONL file or a dataset).
+    """A fixed list of examples (from a JSONL file or a dataset), split once into training and held-out parts.
 
-    ``examples(n, seed)`` shuffles the list with ``seed`` and returns the first ``n``; when ``n`` exceeds
-    the list, further reshuffled passes are appended (examples repeat). ``n=len(task)`` with any seed
-    returns every example once.
+    The held-out part is ``eval_fraction`` of the list (at least one example), chosen by a shuffle seeded
+    with the task's name, so every run and every process sees the same split. ``examples(n, seed, split)``
+    shuffles the chosen part with ``seed`` and returns the first ``n``; when ``n`` exceeds it, further
+    reshuffled passes are appended (examples repeat). ``n=len(task)`` with ``split="all"`` returns every
+    example once.
     """
 
-    def __init__(self, name: str, items: list[Example]):
+    def __init__(self, name: str, items: list[Example], eval_fraction: float = 0.1):
         if not items:
             raise ValueError(f"task {name!r} has no examples")
+        if not 0.0 <= eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must lie in [0, 1), got {eval_fraction}")
         self.name = name
         self.items = items
+        self.eval_fraction = eval_fraction
+        order = list(range(len(items)))
+        random.Random(f"{name}/held-out").shuffle(order)
+        n_eval = max(1, round(eval_fraction * len(items))) if eval_fraction > 0 and len(items) >= 2 else 0
+        self.splits = {"all": list(range(len(items))), "eval": sorted(order[:n_eval]),
+                       "train": sorted(order[n_eval:])}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def examples(self, n: int, seed: int) -> list[Example]:
+    def split_size(self, split: str) -> int:
+        _check_split(split)
+        return len(self.splits[split])
+
+    def describe_split(self, split: str) -> str:
+        if split == "eval":
+            return (f"{len(self.splits['eval'])} of the {len(self)} examples of {self.name} held out "
+                    f"({self.eval_fraction:.0%}), never trained on")
+        return f"{len(self.splits[split])} examples of {self.name} ({split})"
+
+    def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
+        _check_split(split)
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        pool = self.splits[split]
+        if n and not pool:
+            raise ValueError(f"task {self.name!r} has {len(self)} example(s), too few for a {split!r} split: give "
+                             "a larger file, or a separate evaluation file with --eval_task jsonl:PATH")
         rng = random.Random(f"{self.name}/{seed}")
         out: list[Example] = []
         while len(out) < n:
-            order = list(range(len(self.items)))
+            order = list(pool)
             rng.shuffle(order)
             out.extend(self.items[i] for i in order[: n - len(out)])
         return out
 
 
-def load_jsonl(path: str | Path) -> ListTask:
+SPLITS = ("train", "eval", "all")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def load_jsonl(path: str | Path, eval_fraction: float = 0.1) -> ListTask:
     """Read a JSONL file of ``{"prompt": str, "answer": str}`` objects (blank lines skipped).
 
     Any malformed line raises ValueError naming the file and the 1-based line number.
@@ -159,16 +208,17 @@ def load_jsonl(path: str | Path) -> ListTask:
                     raise ValueError(f"{where}: missing key {key!r} (each line needs \"prompt\" and \"answer\")")
                 if not isinstance(record[key], str):
                     raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
-            if not record["prompt"]:
+            if not record["prompt"].strip():
                 raise ValueError(f"{where}: empty prompt")
             items.append(Example(prompt=record["prompt"], answer=record["answer"]))
     if not items:
         raise ValueError(f"{path}: no examples (the file is empty)")
-    return ListTask(f"jsonl:{path}", items)
+    return ListTask(f"jsonl:{path}", items, eval_fraction)
 
 
 def load_hf_dataset(name: str, split: str = "train", *, prompt_column: str = "prompt",
-                    answer_column: str = "answer", config_name: str | None = None) -> ListTask:
+                    answer_column: str = "answer", config_name: str | None = None,
+                    eval_fraction: float = 0.1) -> ListTask:
     """Load a Hugging Face dataset with the ``datasets`` library (imported here, only when asked for).
 
     ``prompt_column`` and ``answer_column`` name the columns to use; values are converted with ``str``.
@@ -188,11 +238,11 @@ def load_hf_dataset(name: str, split: str = "train", *, prompt_column: str = "pr
             raise ValueError(f"dataset {name!r} (split {split!r}) has no column {column!r} (set {what}); "
                              f"its columns are {columns}")
     items = [Example(prompt=str(row[prompt_column]), answer=str(row[answer_column])) for row in ds]
-    return ListTask(f"hf:{name}:{split}", items)
+    return ListTask(f"hf:{name}:{split}", items, eval_fraction)
 
 
 def get_task(spec: str, *, prompt_column: str = "prompt", answer_column: str = "answer",
-             hf_config_name: str | None = None) -> Task:
+             hf_config_name: str | None = None, eval_fraction: float = 0.1) -> Task:
     """Build a task from its spec string (see the module docstring); unknown specs raise ValueError.
 
     ``prompt_column`` / ``answer_column`` / ``hf_config_name`` apply to ``hf:`` datasets only.
@@ -205,9 +255,9 @@ def get_task(spec: str, *, prompt_column: str = "prompt", answer_column: str = "
             raise ValueError(f"task {spec!r}: expected {kind}:N with an integer N, e.g. {kind}:3") from None
         return ReverseTask(n) if kind == "reverse" else AddTask(n)
     if kind == "jsonl" and arg:
-        return load_jsonl(arg)
+        return load_jsonl(arg, eval_fraction)
     if kind == "hf" and arg:
         name, _, split = arg.partition(":")
         return load_hf_dataset(name, split or "train", prompt_column=prompt_column,
-                               answer_column=answer_column, config_name=hf_config_name)
+                               answer_column=answer_column, config_name=hf_config_name, eval_fraction=eval_fraction)
     raise ValueError(f"unknown task {spec!r}; valid task specs are: {', '.join(TASK_SPECS)}")

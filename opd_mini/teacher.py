@@ -28,8 +28,8 @@ from opd_mini.rollouts import Rollouts
 
 #: ``quantization_config`` and ``QuantizationError`` live in :mod:`opd_mini.loading` and are kept here too,
 #: next to the teacher that uses them most.
-__all__ = ["QuantizationError", "TeacherSignal", "load_teacher", "quantization_config", "score",
-           "shared_vocab_size", "teacher_is_student_base"]
+__all__ = ["QuantizationError", "TeacherSignal", "check_same_tokenizer", "load_teacher", "quantization_config",
+           "score", "shared_vocab_size", "teacher_is_student_base"]
 
 
 def load_teacher(name_or_path, *, quantization: str = "none", device: str | torch.device = "cpu",
@@ -47,6 +47,43 @@ def load_teacher(name_or_path, *, quantization: str = "none", device: str | torc
     return model
 
 
+#: Special tokens whose ids must agree: they delimit what the teacher scores.
+SPECIAL_TOKEN_ATTRS = ("eos_token", "bos_token", "unk_token")
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, *, chat_template: bool = True) -> None:
+    """Raise ValueError unless the two tokenizers mean the same thing by every id.
+
+    Compared: the vocabulary (id → token, both ways), the EOS/BOS/UNK tokens and their ids, and, when
+    ``chat_template`` (prompts are rendered with it), the chat template. A teacher whose ids mean other
+    tokens would score the student's samples as a different text, with no error anywhere downstream,
+    so this is checked before any training. Embedding rows past the tokenizer (padding) are not part of
+    a tokenizer and are allowed to differ (see :func:`shared_vocab_size`).
+    """
+    n_s, n_t = len(student_tokenizer), len(teacher_tokenizer)
+    fix = "on-policy distillation needs one tokenizer: pick a teacher of the student's model family"
+    if n_s != n_t:
+        raise ValueError(f"student and teacher tokenizers differ (student {n_s} tokens, teacher {n_t} tokens): {fix}")
+    vocab_s, vocab_t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if vocab_s != vocab_t:
+        by_id_s = {i: tok for tok, i in vocab_s.items()}
+        by_id_t = {i: tok for tok, i in vocab_t.items()}
+        first = min(i for i in set(by_id_s) | set(by_id_t) if by_id_s.get(i) != by_id_t.get(i))
+        raise ValueError(f"student and teacher tokenizers differ: token id {first} is {by_id_s.get(first)!r} for the "
+                         f"student and {by_id_t.get(first)!r} for the teacher (both have {n_s} tokens): {fix}")
+    for attr in SPECIAL_TOKEN_ATTRS:
+        a, b = getattr(student_tokenizer, attr, None), getattr(teacher_tokenizer, attr, None)
+        if a != b:
+            raise ValueError(f"student and teacher tokenizers differ in {attr}: student {a!r}, teacher {b!r} "
+                             f"(the teacher would score where sequences end differently): {fix}")
+    if chat_template:
+        a, b = getattr(student_tokenizer, "chat_template", None), getattr(teacher_tokenizer, "chat_template", None)
+        if a != b:
+            raise ValueError("student and teacher tokenizers have different chat templates, so the teacher would "
+                             "score prompts rendered in a format it was not trained on: pick a teacher with the "
+                             "student's template, or render prompts without one (--use_chat_template no)")
+
+
 def shared_vocab_size(tokenizer, student_model, teacher_model, *, teacher_tokenizer=None) -> int:
     """The vocabulary size both models' logits are trimmed to: ``len(tokenizer)``.
 
@@ -58,10 +95,7 @@ def shared_vocab_size(tokenizer, student_model, teacher_model, *, teacher_tokeni
     n = len(tokenizer)
     s_rows, t_rows = embedding_rows(student_model), embedding_rows(teacher_model)
     if teacher_tokenizer is not None:
-        n_t = len(teacher_tokenizer)
-        if n_t != n or teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"student and teacher tokenizers differ (student {n} tokens, teacher {n_t} tokens): "
-                             "on-policy distillation needs a shared tokenizer; pick a teacher of the same model family")
+        check_same_tokenizer(tokenizer, teacher_tokenizer, chat_template=False)
     if s_rows < n or t_rows < n:
         raise ValueError(
             f"vocabulary mismatch: the student's output head has {s_rows} rows and the teacher's {t_rows}, "

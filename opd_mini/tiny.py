@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -160,7 +161,7 @@ def sft_train(model, tokenizer, task: Task, *, steps: int, batch_size: int = 64,
         model.train()
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for step in bar:
-            examples = task.examples(batch_size, seed=seed * 1_000_003 + step)
+            examples = task.examples(batch_size, seed=seed * 1_000_003 + step, split="train")
             rollouts = build_rollouts(tokenizer, [e.prompt for e in examples], [e.answer for e in examples])
             logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.completion_ids)  # (B, T)
             loss, _ = sft_cross_entropy(logp_BT, rollouts.completion_mask)
@@ -185,8 +186,8 @@ def max_answer_tokens(task: Task, tokenizer, n: int = 256) -> int:
 
 def greedy_accuracy(model, tokenizer, task: Task, *, n: int = 512, seed: int = 10_000, batch_size: int = 256,
                     max_new_tokens: int | None = None) -> float:
-    """Exact-match accuracy of greedy decoding on ``n`` examples of ``task`` drawn with ``seed``."""
-    examples = task.examples(n, seed=seed)
+    """Exact-match accuracy of greedy decoding on ``n`` held-out examples of ``task`` drawn with ``seed``."""
+    examples = task.examples(n, seed=seed, split="eval")
     max_new_tokens = max_new_tokens or max_answer_tokens(task, tokenizer)
     correct = 0.0
     for start in range(0, n, batch_size):
@@ -328,6 +329,8 @@ def ensure_tiny_models(cache_dir: str | os.PathLike | None = None, *, task: str 
         if shipped is not None:
             shutil.copytree(shipped["dir"], tmp, dirs_exist_ok=True)
         else:
+            print(f"no tiny teacher/student for task {task} in {root}: training a new pair on it first (a teacher "
+                  "from scratch, then a briefly warm-started student; its training split only)", file=sys.stderr)
             train_tiny_pair(tmp, task=task, seed=seed, progress=progress)
         if target.exists():
             if not force and _read_info(target) is not None:  # another process finished first

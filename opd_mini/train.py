@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 
 from opd_mini import losses, registry
 from opd_mini.config import TrainConfig, parse_args
-from opd_mini.eval import EVAL_METRIC_DOCS, adapter_disabled, evaluate
+from opd_mini.eval import EVAL_METRIC_DOCS, adapter_disabled, evaluate, held_out_examples
 from opd_mini.loading import QuantizationError, resolve_device
 from opd_mini.models import Models, load_models
 from opd_mini.rollouts import MicroBatch, Rollouts
-from opd_mini.runs import (NonFiniteLossError, append_log, check_finite, checkpoint_dirs, load_checkpoint, read_log,
-                           save_checkpoint, truncate_log)
+from opd_mini.runs import (NonFiniteLossError, append_log, check_finite, checkpoint_dirs, load_latest_checkpoint,
+                           locked_out_dir, read_log, resume_changes, save_checkpoint, saved_config, truncate_log)
 from opd_mini.sampler import sample
 from opd_mini.student import loss_and_backward
 from opd_mini.tasks import get_task
@@ -117,17 +117,23 @@ def _chat(cfg: TrainConfig) -> bool | str:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one training run; returns a summary dict (final eval, eval history, paths)."""
+    """Run (or resume) one training run; returns a summary dict (final eval, eval history, paths).
+
+    The run holds a lock on ``out_dir`` from start to end, so a second run cannot write into it."""
     cfg.validate()
+    with locked_out_dir(cfg.out_dir) as out_dir:
+        return _train(cfg, out_dir)
+
+
+def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     spec = registry.get_loss(cfg.loss)
     opts = registry.LossOptions.from_config(cfg)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     previous = checkpoint_dirs(out_dir)
     if previous and not cfg.resume:
         raise ValueError(f"out_dir {out_dir} already holds checkpoints (last: {previous[-1].name}): pass --resume to "
                          "continue that run, or choose another --out_dir")
+    changed = resume_changes(saved_config(previous[-1]), cfg.to_dict()) if cfg.resume and previous else {}
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # process-wide
@@ -140,31 +146,37 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     m = load_models(cfg, device, dtype)
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, eval_fraction=cfg.eval_fraction)
+    # evaluation prompts: a file task's held-out split (never trained on), or a separate --eval_task
+    eval_task, eval_split, train_split = ((get_task(cfg.eval_task), "all", "all") if cfg.eval_task
+                                          else (task, "eval", "train"))
     retention_task = get_task(cfg.retention_task) if cfg.retention_task else None
 
     params = [p for p in m.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
-    start_step, train_time = 0, 0.0
+    start_step, train_time, last_good = 0, 0.0, None
     if cfg.resume and previous:
-        start_step, train_time, saved_cfg = load_checkpoint(previous[-1], m.student, optimizer, scheduler)
-        changed = {k: (saved_cfg[k], v) for k, v in cfg.to_dict().items()
-                   if k in saved_cfg and saved_cfg[k] != v and k not in ("resume", "progress")}
+        last_good, start_step, train_time, _ = load_latest_checkpoint(previous, m.student, optimizer, scheduler)
+        for group in optimizer.param_groups:  # the restored optimizer carries the old lr: apply this run's
+            group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * lr_factor(start_step, cfg))
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
         if changed:
-            print(f"resuming with changed settings (checkpoint → now): {changed}", file=sys.stderr)
+            print(f"resuming with changed settings (checkpoint → now), applied from step {start_step + 1}: {changed}",
+                  file=sys.stderr)
         truncate_log(metrics_path, start_step)
-        print(f"resumed from {previous[-1]} at step {start_step}", file=sys.stderr)
+        print(f"resumed from {last_good} at step {start_step}", file=sys.stderr)
     elif metrics_path.exists():
         metrics_path.unlink()
 
     def run_eval() -> dict[str, float]:
         scorer = (lambda r: teacher_signal(cfg, m, r, "sampled")) if m.scorer is not None else None  # noqa: E731
         t0 = time.perf_counter()
-        out = evaluate(m.student, m.tokenizer, task, num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
+        out = evaluate(m.student, m.tokenizer, eval_task, num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
                        k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-                       seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, retention_task=retention_task)
+                       seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, retention_task=retention_task,
+                       split=eval_split)
         return {**out, "time/eval": time.perf_counter() - t0}
 
     if start_step == 0:  # evaluate the starting point
@@ -173,7 +185,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         history = [r for r in read_log(metrics_path) if "eval/pass@1" in r]
 
-    last_good = previous[-1] if (cfg.resume and previous) else None
     micro_prompts = cfg.prompts_per_step // cfg.grad_accum
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"opd {cfg.loss}",
                disable=not cfg.progress, dynamic_ncols=True)
@@ -181,7 +192,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     for step_index in bar:
         step = step_index + 1
         t_step = time.perf_counter()
-        examples = task.examples(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step_index)
+        examples = _train_examples(cfg, task, step_index, train_split)
 
         # 1) rollouts for every micro-batch (no grad); the step's token count normalises every piece
         t0 = time.perf_counter()
@@ -226,7 +237,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         check_finite({"optim/grad_norm": grad_norm}, cfg=cfg, student=m.student, where=f"step {step}",
                      last_good=last_good)
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         t_train += time.perf_counter() - t0
@@ -255,7 +266,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
     bar.close()
 
+    held_out = {e.prompt for e in held_out_examples(eval_task, cfg.eval_prompts, cfg.seed, eval_split)}
+    trained = {e.prompt for i in range(step) for e in _train_examples(cfg, task, i, train_split)}
     summary = {"config": cfg.to_dict(), "steps_done": step, "train_time_s": train_time,
+               "eval_source": eval_task.describe_split(eval_split),
+               "eval_prompts_trained_on": len(held_out & trained) / max(1, len(held_out)),
                "final_eval": history[-1] if history else {}, "eval_history": history,
                "metrics_path": str(metrics_path), "checkpoint": str(last_good) if last_good else None,
                "out_dir": str(out_dir)}
@@ -266,6 +281,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # helpers of the loop and the command line
 # ---------------------------------------------------------------------------------------------
+
+
+def _train_examples(cfg: TrainConfig, task, step_index: int, split: str) -> list:
+    """The prompts of one optimizer step: a function of (seed, step), so resumed runs match."""
+    return task.examples(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step_index, split=split)
 
 
 def _sample_seed(seed: int, step_index: int, micro: int) -> int:
@@ -295,7 +315,9 @@ def format_summary(summary: dict) -> str:
     first, last = hist[0], hist[-1]
     lines = [f"| metric | step {first['step']} | step {last['step']} |", "|---|---|---|"]
     lines += [f"| {k} | {first.get(k, float('nan')):.4f} | {last.get(k, float('nan')):.4f} |" for k in keys]
-    lines += ["", f"trained {summary['steps_done']} steps in {summary['train_time_s']:.1f} s",
+    lines += ["", f"evaluated on: {summary['eval_source']}; {summary['eval_prompts_trained_on']:.0%} of these "
+              "prompts were also training prompts",
+              f"trained {summary['steps_done']} steps in {summary['train_time_s']:.1f} s",
               f"metrics log:  {summary['metrics_path']}", f"checkpoint:   {summary['checkpoint']}",
               f"summary:      {Path(summary['out_dir']) / 'summary.json'}"]
     return "\n".join(lines)

@@ -154,7 +154,7 @@ def test_vocabulary_mismatch_is_a_clear_error(model_paths, tmp_path, capsys):
 
 def test_bad_inputs_are_clear_errors(model_paths, tmp_path, capsys):
     long_prompts = tmp_path / "long.jsonl"
-    long_prompts.write_text(json.dumps({"prompt": "7" * 500, "answer": "7"}) + "\n")
+    long_prompts.write_text("".join(json.dumps({"prompt": "7" * 500, "answer": "7"}) + "\n" for _ in range(3)))
     assert main(base_args(model_paths, tmp_path / "a", task=f"jsonl:{long_prompts}")) == 2
     assert "context" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"

@@ -1,0 +1,229 @@
+"""No silent wrong results and nothing lost, through the real entry point (``opd_mini.train.main``).
+
+Each case checks the exit code, the message, and that earlier checkpoints and metrics rows survive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd_mini import runs
+from opd_mini.tasks import get_task
+from opd_mini.train import main
+
+
+def args_for(student: str, teacher: str, out: Path, **overrides) -> list[str]:
+    values = dict(student=student, teacher=teacher, device="cpu", dtype="float32", steps=2, prompts_per_step=4,
+                  num_generations=2, max_new_tokens=5, eval_prompts=3, eval_samples=2, pass_k=2, eval_every=0,
+                  progress="false", lora="false", lr=1e-3, out_dir=str(out))
+    values.update(overrides)
+    return [item for k, v in values.items() for item in (f"--{k}", str(v))]
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def first_error_line(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("error:"))
+
+
+@pytest.fixture
+def pair(tiny_student_dir, tiny_model_dir) -> dict:
+    return {"student": tiny_student_dir, "teacher": tiny_model_dir}
+
+
+# ---------------------------------------------------------------------------------------------
+# a teacher with another tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_teacher_with_tokenizer(src: str, dst: Path, tokenizer) -> str:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    return str(dst)
+
+
+def _char_tokenizer_with_swapped(a: str, b: str):
+    """The character tokenizer of opd_mini.tiny with two characters' ids exchanged: same size, other meaning."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from opd_mini.tiny import CHARS, SPECIAL_TOKENS
+
+    tokens = list(SPECIAL_TOKENS + CHARS)
+    i, j = tokens.index(a), tokens.index(b)
+    tokens[i], tokens[j] = tokens[j], tokens[i]
+    backend = Tokenizer(models.WordLevel(vocab={t: k for k, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(pair, tmp_path, capsys):
+    teacher = _save_teacher_with_tokenizer(pair["teacher"], tmp_path / "swapped", _char_tokenizer_with_swapped("1", "2"))
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], teacher, out)) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert "tokenizers differ" in line and "'1'" in line and "'2'" in line
+    assert not (out / "metrics.jsonl").exists()
+    # the check can be switched off by someone who knows the ids mean the same
+    assert main(args_for(pair["student"], teacher, tmp_path / "unchecked", check_tokenizers="false")) == 0
+
+
+def test_a_teacher_with_another_chat_template_or_eos_is_refused(pair, char_tokenizer, tmp_path, capsys):
+    templated = char_tokenizer.__class__.from_pretrained(pair["teacher"])
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    teacher = _save_teacher_with_tokenizer(pair["teacher"], tmp_path / "templated", templated)
+    assert main(args_for(pair["student"], teacher, tmp_path / "a")) == 2
+    assert "chat template" in first_error_line(capsys.readouterr().err)
+    assert main(args_for(pair["student"], teacher, tmp_path / "b", use_chat_template="no")) == 0  # not rendered
+
+    other_eos = char_tokenizer.__class__.from_pretrained(pair["teacher"])
+    other_eos.eos_token = "<pad>"
+    teacher = _save_teacher_with_tokenizer(pair["teacher"], tmp_path / "eos", other_eos)
+    assert main(args_for(pair["student"], teacher, tmp_path / "c")) == 2
+    assert "eos_token" in first_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: every announced change is applied, the rest is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_applies_a_changed_learning_rate(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=2, lr=1e-3)) == 0
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=4, lr=5e-4, weight_decay=0.1,
+                         resume="true")) == 0
+    err = capsys.readouterr().err
+    assert "applied from step 3" in err and "'lr': (0.001, 0.0005)" in err
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["optim/lr"] for r in rows[1:]] == [1e-3, 1e-3, 5e-4, 5e-4]
+    state = torch.load(runs.checkpoint_dirs(out)[-1] / "trainer_state.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+def test_resume_refuses_what_cannot_change_and_loses_nothing(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=2)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    for change in (dict(lora="true"), dict(student=pair["teacher"]), dict(dtype="bfloat16")):
+        values = {"student": pair["student"], "teacher": pair["teacher"], **change}
+        assert main(args_for(values.pop("student"), values.pop("teacher"), out, steps=3, resume="true", **values)) == 2
+        line = first_error_line(capsys.readouterr().err)
+        assert "--resume cannot change" in line and next(iter(change)) in line
+    assert (out / "metrics.jsonl").read_text() == before
+    assert [p.name for p in runs.checkpoint_dirs(out)] == ["step_000002"]
+
+
+def test_resume_from_a_damaged_checkpoint_falls_back_or_names_the_file(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=2, save_every=1, keep_checkpoints=2)) == 0
+    newest = runs.checkpoint_dirs(out)[-1] / "trainer_state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=3, save_every=1, keep_checkpoints=2,
+                         resume="true")) == 0
+    err = capsys.readouterr().err
+    assert "step_000002" in err and "cannot be read" in err and "resumed from" in err and "step_000001" in err
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
+
+    only = tmp_path / "only"
+    assert main(args_for(pair["student"], pair["teacher"], only, steps=1)) == 0
+    state = runs.checkpoint_dirs(only)[-1] / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    assert main(args_for(pair["student"], pair["teacher"], only, steps=2, resume="true")) == 2
+    assert str(state) in first_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation prompts are held out
+# ---------------------------------------------------------------------------------------------
+
+
+def test_file_tasks_hold_out_their_evaluation_prompts(pair, tmp_path, capsys):
+    data = tmp_path / "rev.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n:03d}>", "answer": f"{n:03d}"[::-1]}) + "\n" for n in range(40)))
+    task = get_task(f"jsonl:{data}")
+    train_prompts = {e.prompt for e in task.examples(200, seed=0, split="train")}
+    eval_prompts = {e.prompt for e in task.examples(50, seed=1, split="eval")}
+    assert len(eval_prompts) == 4 and len(train_prompts) == 36 and not train_prompts & eval_prompts
+
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, task=f"jsonl:{data}", steps=3, eval_prompts=50)) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_prompts_trained_on"] == 0.0
+    assert summary["eval_source"].startswith("4 of the 40 examples") and "never trained on" in printed
+
+
+def test_a_generated_task_reports_how_many_eval_prompts_were_trained_on(pair, tmp_path):
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, task="reverse:1", steps=3, eval_prompts=5)) == 0
+    summary = json.loads((out / "summary.json").read_text())  # reverse:1 has only 10 distinct prompts
+    from opd_mini.eval import held_out_examples
+
+    task = get_task("reverse:1")
+    trained = {e.prompt for step in range(3) for e in task.examples(4, seed=step)}  # seed 0: seed·1_000_003 + step
+    held = {e.prompt for e in held_out_examples(task, 5, seed=0)}
+    assert 0 < summary["eval_prompts_trained_on"] == len(held & trained) / len(held)
+    assert "fresh random prompts" in summary["eval_source"]
+
+
+def test_a_separate_eval_file(pair, tmp_path):
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_file.write_text(json.dumps({"prompt": "12>", "answer": "21"}) + "\n")  # one example: trained on whole
+    eval_file.write_text("".join(json.dumps({"prompt": f"{n}>", "answer": str(n)[::-1]}) + "\n" for n in (34, 56)))
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, task=f"jsonl:{train_file}",
+                         eval_task=f"jsonl:{eval_file}")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_source"].startswith("2 examples of jsonl:") and summary["eval_prompts_trained_on"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per out_dir
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_live_out_dir_is_refused(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=1)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    with runs.locked_out_dir(out):  # a run in progress
+        assert main(args_for(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
+        line = first_error_line(capsys.readouterr().err)
+        assert "is in use by another run" in line and f"pid {os.getpid()}" in line
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_killed_run_leaves_no_stale_lock(pair, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from opd_mini.runs import locked_out_dir\n"
+                               f"with locked_out_dir({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    time.sleep(0.1)
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=1)) == 0
+
+
+def test_an_out_dir_that_is_a_file(pair, tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert main(args_for(pair["student"], pair["teacher"], target)) == 2
+    assert "not a directory" in first_error_line(capsys.readouterr().err) and target.read_text() == "keep me"
