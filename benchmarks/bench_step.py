@@ -200,9 +200,22 @@ def main() -> None:
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--path", help=argparse.SUPPRESS)  # set in the worker subprocess
     args = p.parse_args()
-    if args.path:
-        print("RESULT " + json.dumps(worker(args)))
-        return
+    from opd_mini.config import run_cli
+
+    if args.path:  # the worker subprocess: one path; bad settings end in one error line, exit code 2
+        sys.exit(run_cli(lambda: print("RESULT " + json.dumps(worker(args))) or 0))
+    for name in ("vocab", "batch", "prompt_len", "new_tokens", "top_k", "chunk", "steps", "threads"):
+        if getattr(args, name) < (2 if name == "vocab" else 1):
+            p.error(f"--{name} must be >= {2 if name == 'vocab' else 1}, got {getattr(args, name)}")
+    if args.top_k > args.vocab - 2:
+        p.error(f"--top_k must be below --vocab, got {args.top_k} >= {args.vocab}")
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device} but torch.cuda.is_available() is False: use --device cpu")
+    unknown = [x for x in args.paths.split(",") if x not in PATHS]
+    if unknown:
+        p.error(f"--paths must name paths from {', '.join(PATHS)}; got {', '.join(unknown)}")
 
     # glibc keeps freed heap memory mapped unless big blocks use mmap; a fixed threshold makes RSS track
     # what is actually allocated, so each phase's peak is its own
@@ -212,6 +225,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--path", path]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode == 2:  # bad settings, e.g. --device cuda without a GPU: the worker's one-line message
+            errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+            print(errors[-1] if errors else f"error: the {path} worker failed", file=sys.stderr)
+            sys.exit(2)
         if out.returncode or not lines:
             sys.exit(f"{path} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(lines[-1][len("RESULT "):]))

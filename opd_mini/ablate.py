@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from opd_mini.config import TrainConfig, build_parser, config_from_args
+from opd_mini.config import TrainConfig, build_parser, config_from_args, join_negative_numbers, run_cli
 from opd_mini.registry import LOSS_REGISTRY
 from opd_mini.eval import EVAL_METRIC_DOCS
 from opd_mini.train import train
@@ -119,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated loss variants, from: {', '.join(LOSS_REGISTRY)} (and any --loss_plugins registers)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--out", default="runs/ablation", help="output directory")
-    args = parser.parse_args(argv)
-    grid_losses = [s.strip() for s in args.losses.split(",") if s.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    out = Path(args.out)
-    for name in ("losses", "seeds", "out"):
-        delattr(args, name)
-    try:
+    args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
+
+    def body() -> int:
+        grid_losses = [s.strip() for s in args.losses.split(",") if s.strip()]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+        out = Path(args.out)
+        for name in ("losses", "seeds", "out"):
+            delattr(args, name)
         base = config_from_args(args)  # imports --loss_plugins, so their losses are registered below
         unknown = [x for x in grid_losses if x not in LOSS_REGISTRY]
         if unknown or not grid_losses or not seeds:
@@ -133,14 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"one seed; got losses={grid_losses}, seeds={seeds}")
         for loss in grid_losses:  # validate each combination before spending time on any
             base.replace(loss=loss)
-        results = run_grid(base, grid_losses, seeds, out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paths = write_results(results, out)
-    print(paths["md"].read_text())
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-    return 0
+        paths = write_results(run_grid(base, grid_losses, seeds, out), out)
+        print(paths["md"].read_text())
+        print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

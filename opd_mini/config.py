@@ -24,6 +24,8 @@ import argparse
 import dataclasses
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -109,6 +111,9 @@ class TrainConfig:
     loss_chunk_size: int = opt(0, "compute the student's per-token losses in chunks of this many positions so "
                                "(B, T, V) fp32 logits never sit in memory at once (0 = one chunk)", ge=0)
     teacher_chunk_size: int = opt(64, "positions per chunk of the teacher's lm_head + log-softmax", ge=1)
+    divergence_factor: float = opt(10.0, "stop the run, before applying the step, when the gradient norm exceeds "
+                                   "this many times the median of the previous 20 steps (checked from step 11; "
+                                   "0 = off)", ge=0)
     max_time_s: float = opt(0.0, "stop after this many seconds of training (sampling + scoring + updates, eval "
                             "excluded); 0 = no limit", ge=0)
 
@@ -250,9 +255,15 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     else:
         raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
     if not isinstance(data, dict):
@@ -309,12 +320,46 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--loss_plugins", "--loss-plugins", default=None)
     pre.add_argument("--config", default=None)
+    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
     known, _ = pre.parse_known_args(argv)
     plugins = known.loss_plugins
     if plugins is None and known.config:
         plugins = load_file(known.config).get("loss_plugins", "")
     registry.import_plugins(plugins or "")
     return config_from_args(build_parser().parse_args(argv))
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """``["--lr", "-1e-4"]`` → ``["--lr=-1e-4"]``: argparse takes "-1e-4" for an option otherwise, and the range
+    check (a clear message) never sees the value."""
+    out: list[str] = []
+    for item in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.match(item):
+            out[-1] = f"{out[-1]}={item}"
+        else:
+            out.append(item)
+    return out
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a command's body so that bad input ends in one ``error:`` line and exit code 2, never a traceback.
+
+    Bad input is a ValueError, an OSError (a missing file or model, no network), an ImportError (an
+    optional package), or an error carrying an ``exit_code`` (a stopped diverging run: 3). Any other
+    exception is a bug, and keeps its traceback.
+    """
+    try:
+        return body()
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        code = getattr(e, "exit_code", None)
+        if code is None and isinstance(e, RuntimeError):
+            raise
+        message = str(e) if code == 3 else " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+        print(("\n" if code == 3 else "") + f"error: {message}", file=sys.stderr)
+        return code or 2
 
 
 def field_docs() -> dict[str, str]:

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from opd_mini.config import TrainConfig
+from opd_mini.config import TrainConfig, run_cli
 from opd_mini.registry import LOSS_REGISTRY
 from opd_mini.eval import evaluate
 from opd_mini.tasks import get_task
@@ -76,16 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts per evaluation")
     p.add_argument("--out", default="runs/demo", help="output directory")
     args = p.parse_args(argv)
+    return run_cli(lambda: run_demo(args))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo's runs and table (see the module docstring), from parsed command-line arguments."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
     opd_losses = [x.strip() for x in args.losses.split(",") if x.strip()]
     opd_variants = [n for n, s in LOSS_REGISTRY.items() if s.signal is not None and s.rollouts == "student"]
     bad = [x for x in opd_losses if x not in opd_variants]
     if bad or not opd_losses:
-        p.error(f"--losses must name OPD variants (the student samples, the teacher scores) from {', '.join(opd_variants)}")
+        raise ValueError(f"--losses must name OPD variants (the student samples, the teacher scores) from "
+                         f"{', '.join(opd_variants)}; got {args.losses!r}")
     overrides = dict(task=args.task, lr=args.lr, steps=args.steps, teacher=args.teacher, student=args.student)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     base = TrainConfig.from_preset("tiny-cpu", eval_every=0, eval_prompts=args.eval_prompts, progress=False,

@@ -20,6 +20,8 @@ _NO_QUANT_HINT = "set teacher_quantization='none' (command line: --teacher_quant
 class QuantizationError(RuntimeError):
     """4/8-bit loading was asked for where bitsandbytes cannot run; the message says what to change."""
 
+    exit_code = 2
+
 
 def default_compute_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on a CUDA GPU that supports it (else float16); float32 elsewhere (CPUs have no fast bf16)."""
@@ -64,15 +66,26 @@ def load_pretrained(name_or_path, *, quantization: str = "none", device: str | t
     dtype = dtype or default_compute_dtype(device)
     bnb_config = quantization_config(quantization, device, dtype)
     if bnb_config is None:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        try:
+            return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        except OSError as e:
+            raise ValueError(_not_loadable(name_or_path, e)) from None
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=bnb_config, dtype=dtype,
                                                     device_map={"": str(device)})
-    except (OSError, ValueError, TypeError):
-        raise  # a wrong path or a bad argument: the library's message is the clearest
+    except OSError as e:
+        raise ValueError(_not_loadable(name_or_path, e)) from None
+    except (ValueError, TypeError):
+        raise  # a bad argument: the library's message is the clearest
     except Exception as e:  # bitsandbytes backend failures come in many types
         raise QuantizationError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
                                 f"({type(e).__name__}: {e}); {_NO_QUANT_HINT}") from e
+
+
+def _not_loadable(name_or_path, error: Exception) -> str:
+    first = " ".join(str(error).split("\n")[0].split())
+    return (f"cannot load the model {name_or_path!r}: give a directory written by save_pretrained (with config.json) "
+            f"or a Hugging Face model id, which needs a network the first time ({first})")
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -85,4 +98,7 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if dtype == "auto":
         bf16 = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
         return resolved, torch.bfloat16 if bf16 else torch.float32
+    if dtype == "float16" and resolved.type == "cpu":
+        raise ValueError("dtype='float16' on the CPU overflows in sampling (NaN probabilities after a step): use "
+                         "--dtype float32 (or bfloat16)")
     return resolved, getattr(torch, dtype)

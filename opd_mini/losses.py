@@ -21,13 +21,17 @@ input dtype (bf16/fp16 inputs are upcast).
 
 Normalisation, the same for every loss: a per-token mean over the masked-in positions of the
 whole batch, ``Σ_{b,t} mask_bt · ℓ_bt / N``. By default ``N = mask.sum()``. When a batch is split
-into micro-batches (gradient accumulation) or chunks along the sequence, pass the token count of the
-*full* batch as ``num_tokens`` to every call: the summed micro-batch losses then equal the full-batch
-loss exactly, and the gradient does not depend on how the batch was split.
+into micro-batches (gradient accumulation), pass the token count of the *full* batch as ``num_tokens``
+to every call: the summed micro-batch losses then equal the full-batch loss exactly, and the gradient
+does not depend on how the batch was split. The same holds for chunks along the sequence for every
+loss whose ℓ_bt depends on position t alone; ``reverse_kl_sampled_token`` with γ > 0 (and
+``opd_grpo``) couples each position to the later ones through the return-to-go, so it must see whole
+sequences (``opd_mini.student.loss_and_backward`` computes it on all T at once for that reason).
 
-Zero-probability teacher tokens (log q = −inf) never produce NaN: reverse-KL style terms clamp the
-teacher's log-probabilities at :data:`LOGP_FLOOR` (−100 nats, below the smallest normal float32
-probability, e^−87), and forward-KL style terms drop them (0 · log 0 = 0).
+Zero-probability teacher tokens (log q = −inf) never produce NaN, in the value or the gradient:
+reverse-KL style terms clamp the teacher's log-probabilities at :data:`LOGP_FLOOR` (−100 nats, below
+the smallest normal float32 probability, e^−87), forward-KL style terms drop them (0 · log 0 = 0), and
+JSD's mixture skips entries where student and teacher are both zero.
 """
 
 from __future__ import annotations
@@ -403,8 +407,11 @@ def generalized_jsd(
     mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
     logp = _log_probs(student_logits_BTV, mask)
     logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
-    # log m = log(β q + (1-β) π); logaddexp is much faster than stack + logsumexp on CPU
-    logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+    # log m = log(β q + (1-β) π); logaddexp is much faster than stack + logsumexp on CPU. Where both are
+    # zero, m is zero too; logaddexp(−inf, −inf) would give a NaN gradient there, so those entries bypass it
+    a, b = logq + math.log(beta), logp + math.log1p(-beta)
+    both_zero = torch.isneginf(a) & torch.isneginf(b)
+    logm = torch.logaddexp(a.masked_fill(both_zero, 0.0), b.masked_fill(both_zero, 0.0)).masked_fill(both_zero, -math.inf)
     jsd_BT = beta * _kl_terms(logq, logm) + (1.0 - beta) * _kl_terms(logp, logm)
     loss = _masked_sum(jsd_BT, mask) / _denominator(mask, num_tokens)
     return loss, {"loss/total": loss.detach(), "kl/jsd": _masked_mean(jsd_BT, mask)}
@@ -493,8 +500,9 @@ def entropy_aware_kl(
 
     Reverse KL alone is mode-seeking and collapses the student's diversity where the teacher spreads its
     mass; the forward term keeps the student covering those tokens, while low-entropy positions keep
-    precise reverse-KL imitation. τ = ``entropy_threshold`` in nats (0 adds forward KL everywhere,
-    ``inf`` never). Shapes as :func:`reverse_kl_full`.
+    precise reverse-KL imitation. τ = ``entropy_threshold`` in nats; the test is strict, so τ = 0 adds
+    forward KL wherever the teacher's entropy is positive (not where it is one-hot, H = 0), and
+    ``inf`` never. Shapes as :func:`reverse_kl_full`.
     """
     if not (entropy_threshold >= 0):
         raise ValueError(f"entropy_threshold must be >= 0 nats, got {entropy_threshold}")

@@ -7,6 +7,7 @@ the teacher is the student with its adapter disabled.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,18 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
         paths = {k: (str(tiny[k]) if v == "tiny" else v) for k, v in paths.items()}
         if cfg.tokenizer == "" and cfg.student == "tiny":
             paths["tokenizer"] = str(tiny["tokenizer"])
-    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    for role, path in paths.items():
+        if role == "teacher" and cfg.teacher in ("self", "none"):
+            continue
+        if (os.sep in path or path.startswith(".")) and not os.path.exists(path):
+            raise ValueError(f"the {role} {path} does not exist: give a save_pretrained directory or a Hugging Face "
+                             f"model id (--{role})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    except OSError as e:
+        raise ValueError(f"cannot load the tokenizer {paths['tokenizer']!r}: give a directory written by "
+                         "save_pretrained or a Hugging Face id, which needs a network the first time "
+                         f"({' '.join(str(e).split(chr(10))[0].split())})") from None
     student = load_student(
         paths["student"], lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         lora_target_modules=_target_modules(cfg.lora_target_modules), device=device, dtype=dtype,

@@ -231,7 +231,11 @@ def load_hf_dataset(name: str, split: str = "train", *, prompt_column: str = "pr
             "`pip install datasets` (downloading a dataset also needs a network connection), or use a "
             "built-in task (reverse:N, add:N) or a local jsonl:PATH file"
         ) from None
-    ds = datasets.load_dataset(name, config_name, split=split)
+    try:
+        ds = datasets.load_dataset(name, config_name, split=split)
+    except Exception as e:  # offline, unknown name or split: the datasets library raises many types
+        raise ValueError(f"cannot load the dataset {name!r} (split {split!r}): {type(e).__name__}: "
+                         f"{' '.join(str(e).split(chr(10))[0].split())}; offline, use a local jsonl:PATH file") from None
     columns = list(getattr(ds, "column_names", None) or (ds[0].keys() if len(ds) else []))
     for column, what in ((prompt_column, "prompt_column"), (answer_column, "answer_column")):
         if column not in columns:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from opd_mini.config import run_cli
 from opd_mini.losses import sft_cross_entropy, token_logprobs
 from opd_mini.sampler import build_rollouts, sample
 from opd_mini.student import completion_logits
@@ -311,6 +312,7 @@ def ensure_tiny_models(cache_dir: str | os.PathLike | None = None, *, task: str 
     reverse:5) and written atomically, so repeated calls are instant.
     ``force=True`` retrains.
     """
+    get_task(task)  # an unknown spec is an error before anything is trained
     key = _key(task, seed)
     shipped = shipped_tiny_models(task, seed) if use_assets and not force else None
     if cache_dir is None and shipped is not None:
@@ -380,5 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
     return paths
 
 
-if __name__ == "__main__":
+def _cli() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(_cli))

@@ -35,13 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 from opd_mini import losses, registry
-from opd_mini.config import TrainConfig, parse_args
+from opd_mini.config import TrainConfig, parse_args, run_cli
 from opd_mini.eval import EVAL_METRIC_DOCS, adapter_disabled, evaluate, held_out_examples
-from opd_mini.loading import QuantizationError, resolve_device
+from opd_mini.loading import resolve_device
 from opd_mini.models import Models, load_models
 from opd_mini.rollouts import MicroBatch, Rollouts
-from opd_mini.runs import (NonFiniteLossError, append_log, check_finite, checkpoint_dirs, load_latest_checkpoint,
-                           locked_out_dir, read_log, resume_changes, save_checkpoint, saved_config, truncate_log)
+from opd_mini.runs import (append_log, check_divergence, check_finite, checkpoint_dirs,
+                           load_latest_checkpoint, locked_out_dir, read_log, resume_changes, save_checkpoint,
+                           saved_config, truncate_log)
 from opd_mini.sampler import sample
 from opd_mini.student import loss_and_backward
 from opd_mini.tasks import get_task
@@ -186,6 +187,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         history = [r for r in read_log(metrics_path) if "eval/pass@1" in r]
 
     micro_prompts = cfg.prompts_per_step // cfg.grad_accum
+    grad_norms = [r["optim/grad_norm"] for r in read_log(metrics_path) if "optim/grad_norm" in r]  # on resume
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"opd {cfg.loss}",
                disable=not cfg.progress, dynamic_ncols=True)
     step = start_step
@@ -237,6 +239,8 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         check_finite({"optim/grad_norm": grad_norm}, cfg=cfg, student=m.student, where=f"step {step}",
                      last_good=last_good)
+        check_divergence(float(grad_norm), grad_norms, cfg=cfg, student=m.student, step=step, last_good=last_good)
+        grad_norms.append(float(grad_norm))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -324,17 +328,13 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-        summary = train(cfg)
-    except NonFiniteLossError as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, QuantizationError) as e:  # bad settings/inputs: the message says what to change
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0
+    """The command line: exit code 0, 2 for bad input (one ``error:`` line), 3 for a run stopped on NaN/inf
+    or divergence (the diagnostic)."""
+    def body() -> int:
+        print(format_summary(train(parse_args(argv))))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -739,6 +739,26 @@ def test_zero_probability_teacher_tokens_never_give_nan(kind):
     assert torch.isfinite(grad).all(), f"{kind}: gradient {grad}"
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_tokens_impossible_for_both_student_and_teacher_give_finite_gradients(beta):
+    """π_θ(v) = q(v) = 0 at the same entry (a −inf student logit, a −inf teacher log-prob): the JSD's mixture
+    is 0 there, and its gradient must stay finite (logaddexp(−inf, −inf) alone has a NaN backward)."""
+    d = make_batch(31, V=5)
+    z = d["z"].detach().clone()
+    z[0, 0, 2] = -math.inf
+    lq = d["teacher_logp"].clone()
+    lq[0, 0, 2] = -math.inf
+    t = torch.log_softmax(lq, -1)
+    loss, grad = value_and_grad(lambda x: L.generalized_jsd(x, t, d["mask"], beta=beta), z)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), (beta, loss, grad)
+    # at that position the entry is impossible for both: the value is the JSD over the other four tokens
+    only = torch.zeros_like(d["mask"])
+    only[0, 0] = True
+    keep = [0, 1, 3, 4]
+    ref, _ = L.generalized_jsd(z[..., keep], torch.log_softmax(lq[..., keep], -1), only, beta=beta)
+    torch.testing.assert_close(L.generalized_jsd(z, t, only, beta=beta)[0], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_zero_probability_teacher_tokens_match_loop_references():
     """With −inf teacher log-probs the values still match the references (reverse terms clamped at −100)."""
     d = make_batch(23)

@@ -227,3 +227,93 @@ def test_an_out_dir_that_is_a_file(pair, tmp_path, capsys):
     target.write_text("keep me")
     assert main(args_for(pair["student"], pair["teacher"], target)) == 2
     assert "not a directory" in first_error_line(capsys.readouterr().err) and target.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------
+# divergence is caught before it becomes NaN, and the kept checkpoint is from before it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_gradient_spike_stops_the_run_before_the_step_is_applied(pair, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from opd_mini import registry
+
+    spec = registry.LOSS_REGISTRY["reverse_kl_sampled"]
+    calls = {"n": 0}
+
+    def blows_up_at_step_14(logp_BT, batch, opts):  # what a too-large step looks like from the gradient's side
+        calls["n"] += 1
+        loss, metrics = spec.fn(logp_BT, batch, opts)
+        return (loss * 1e4, metrics) if calls["n"] == 14 else (loss, metrics)
+
+    monkeypatch.setitem(registry.LOSS_REGISTRY, "reverse_kl_sampled", dataclasses.replace(spec, fn=blows_up_at_step_14))
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=20, save_every=5)) == 3
+    err = capsys.readouterr().err
+    assert "diverging at step 14" in err and "this step was not applied" in err and "step_000010" in err
+    assert "--dtype float32" not in err  # the advice fits the run: it is float32 already
+    assert max(r["step"] for r in read_log(out)) == 13
+    assert [p.name for p in runs.checkpoint_dirs(out)] == ["step_000010"]
+    # the detector is off with --divergence_factor 0, and then the spike is simply applied
+    calls["n"] = 0
+    assert main(args_for(pair["student"], pair["teacher"], tmp_path / "off", steps=15, divergence_factor=0)) == 0
+
+
+def test_healthy_runs_do_not_trip_the_divergence_check(pair, tmp_path):
+    for loss in ("reverse_kl_sampled", "reverse_kl_topk", "sft", "grpo"):
+        out = tmp_path / loss
+        assert main(args_for(pair["student"], pair["teacher"], out, loss=loss, steps=25)) == 0, loss
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one `error:` line, exit code 2, no traceback, from every entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_settings_and_files_are_one_line_errors(pair, tmp_path, capsys):
+    bad_yaml, bad_json = tmp_path / "run.yaml", tmp_path / "run.json"
+    bad_yaml.write_text("lr: [1\n")
+    bad_json.write_text('{"lr": 1e-3,}')
+    cases = {
+        "is not valid YAML": ["--config", str(bad_yaml)],
+        "is not valid JSON": ["--config", str(bad_json)],
+        "lr=-0.0001 is out of range": ["--lr", "-1e-4"],  # a negative number reaches the range check
+        "does not exist": ["--student", str(tmp_path / "no_such_model"), "--device", "cpu"],
+        "float16": ["--student", pair["student"], "--teacher", pair["teacher"], "--device", "cpu",
+                    "--dtype", "float16", "--out_dir", str(tmp_path / "f16")],
+        "needs the `datasets` library": ["--student", pair["student"], "--teacher", pair["teacher"], "--device",
+                                          "cpu", "--task", "hf:some/dataset", "--out_dir", str(tmp_path / "hf")],
+    }
+    for expected, argv in cases.items():
+        assert main(argv) == 2, expected
+        err = capsys.readouterr().err
+        assert expected in first_error_line(err) and "Traceback" not in err, (expected, err)
+    assert main(["--config", str(bad_yaml)]) == 2
+    assert str(bad_yaml) in first_error_line(capsys.readouterr().err)  # the message names the file
+
+
+def test_a_damaged_metrics_log_is_named_on_resume(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=1)) == 0
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "loss/to\n')
+    assert main(args_for(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert str(out / "metrics.jsonl") in line and "line 3" in line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-m", "opd_mini.ablate", "--seeds", "a,b"], "--seeds must be comma-separated integers"),
+    (["-m", "opd_mini.demo", "--steps", "0"], "steps=0 is out of range"),
+    (["-m", "opd_mini.tiny", "--task", "bogus"], "unknown task 'bogus'"),
+    (["-m", "opd_mini.train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["benchmarks/bench_step.py", "--vocab", "1"], "--vocab must be >= 2"),
+])
+def test_entry_points_end_bad_input_in_one_line(argv, expected, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    root = Path(__file__).resolve().parents[1]
+    argv = [str(root / a) if a.endswith(".py") else a for a in argv]
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and expected in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
