@@ -1,15 +1,18 @@
 """Seconds and peak memory of one on-policy distillation step over a big vocabulary.
 
-Workload: V = 151,936 (the Qwen2 vocabulary), a 2-layer hidden-64 Llama student and
-teacher (random init from ``opd_mini.tiny.tiny_config("bench")``, no download), batch 8, 128 prompt +
-128 new tokens, fully on-policy, AdamW on all student weights. Three paths, each in its own
-subprocess so that its peak memory is measured on its own:
+Workload: V = 151,936 (the Qwen2 vocabulary), a 2-layer hidden-64 Llama student and teacher (random
+init from ``opd_mini.tiny.tiny_config("bench")``, no download), batch 8, 128 prompt + 128 new tokens, fully
+on-policy, AdamW on all student weights, any registered loss (``--loss``, default reverse_kl_topk).
+Three paths, each in its own subprocess so that its peak memory is measured on its own:
 
-    topk-chunked   teacher top-K from chunked scoring, student logits in chunks along T (the train.py
-                   path with --loss reverse_kl_topk --loss_chunk_size C --teacher_chunk_size C)
-    topk-full-student   the same, but the student's (B, T, V) logits in one piece (--loss_chunk_size 0)
-    naive-full     teacher (B, T, V) log-probs materialised in one piece + full student logits and
-                   log-softmax: the same top-K loss, computed the straightforward way
+    chunked        the train.py path with --loss_chunk_size C --teacher_chunk_size C: the teacher scored
+                   in chunks (top-K, or for a full-vocabulary loss its hidden states, projected again chunk
+                   by chunk inside the loss: the fused path), the student's logits in chunks along T
+    one-piece      the same teacher side, but the student's (B, T, V) logits in one piece, and for a
+                   full-vocabulary loss the teacher's (B, T, V) log-probs (--loss_chunk_size 0, the
+                   readable reference path)
+    naive          teacher (B, T, V) log-probs in one piece + the full student log-softmax: the same loss,
+                   computed the straightforward way
 
 Reported per path: seconds per step for sampling / teacher scoring / student forward+backward+update,
 the peak memory of each phase (CPU: resident set size polled every 2 ms, on top of the RSS after loading
@@ -31,7 +34,7 @@ import sys
 import threading
 import time
 
-PATHS = ("topk-chunked", "topk-full-student", "naive-full")
+PATHS = ("chunked", "one-piece", "naive")
 
 
 def build_world(vocab_size: int, device: str, seed: int = 0):
@@ -117,8 +120,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer, student, teacher = build_world(args.vocab, args.device)
     V = teacher_lib.shared_vocab_size(tokenizer, student, teacher)
-    spec, opts = registry.get_loss("reverse_kl_topk"), registry.LossOptions(top_k=args.top_k)
-    loss_chunk = args.chunk if args.path == "topk-chunked" else 0
+    spec, opts = registry.get_loss(args.loss), registry.LossOptions(top_k=args.top_k)
+    top_k = args.top_k if spec.signal == "topk" else 0
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     param_bytes = sum(p.numel() * p.element_size() for mod in (student, teacher) for p in mod.parameters())
     adam_bytes = 2 * sum(p.numel() * 4 for p in student.parameters())
@@ -138,12 +141,14 @@ def worker(args) -> dict:
         mask_BT = rollouts.completion_mask
         mem.start("score")
         t2 = time.perf_counter()
-        if args.path == "naive-full":  # (B, T, V) teacher log-probs in one piece; top-K taken from them
+        full = spec.signal == "full"
+        if args.path == "naive":  # (B, T, V) teacher log-probs in one piece; top-K taken from them
             signal = teacher_lib.score(teacher, rollouts, vocab_size=V, full=True, chunk_size=rollouts.completion_ids.shape[1])
-            topk_logp, topk_ids = signal.full_logp.topk(args.top_k, dim=-1)
-            signal.topk_ids, signal.topk_logp = topk_ids, topk_logp
+            if top_k:
+                signal.topk_logp, signal.topk_ids = signal.full_logp.topk(top_k, dim=-1)
         else:
-            signal = teacher_lib.score(teacher, rollouts, vocab_size=V, top_k=args.top_k, chunk_size=args.chunk)
+            signal = teacher_lib.score(teacher, rollouts, vocab_size=V, top_k=top_k, chunk_size=args.chunk,
+                                       full=full and args.path == "one-piece", keep_hidden=full and args.path == "chunked")
         t3 = time.perf_counter()
         mem.stop()
         mem.start("student")
@@ -151,16 +156,18 @@ def worker(args) -> dict:
         batch = MicroBatch(rollouts, registry.LossBatch(
             tokens_BT=rollouts.completion_ids, mask_BT=mask_BT, num_tokens=int(mask_BT.sum()),
             behaviour_logp_BT=rollouts.behaviour_logp, teacher_logp_BT=signal.sampled_logp,
-            teacher_topk_ids_BTK=signal.topk_ids, teacher_topk_logp_BTK=signal.topk_logp))
-        if args.path == "naive-full":  # full student log-softmax kept alongside the teacher's (B, T, V)
+            teacher_topk_ids_BTK=signal.topk_ids, teacher_topk_logp_BTK=signal.topk_logp,
+            teacher_logp_BTV=signal.full_logp,
+            teacher_logp_fn=signal.full_logp_chunk if signal.hidden is not None else None))
+        if args.path == "naive":  # full student log-softmax kept alongside the teacher's (B, T, V)
             logp_BTV = torch.log_softmax(completion_logits(student, rollouts, V).float(), dim=-1)
-            loss, _ = losses.reverse_kl_topk(logp_BTV, signal.topk_ids, signal.topk_logp, mask_BT,
-                                             sampled_ids_BT=rollouts.completion_ids,
-                                             teacher_sampled_logp_BT=signal.sampled_logp)
+            x = losses.token_logprobs(logp_BTV, rollouts.completion_ids) if spec.kind == "token" else logp_BTV
+            loss, _ = spec.fn(x, batch.inputs, opts)
             loss.backward()
-            del logp_BTV
+            del logp_BTV, x
         else:
-            loss_and_backward(student, batch, spec, opts, vocab_size=V, chunk_size=loss_chunk)
+            loss_and_backward(student, batch, spec, opts, vocab_size=V,
+                              chunk_size=args.chunk if args.path == "chunked" else 0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):
@@ -192,6 +199,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--loss", default="reverse_kl_topk", help="a registered loss (opd_mini.registry)")
     p.add_argument("--top_k", type=int, default=16)
     p.add_argument("--chunk", type=int, default=16, help="positions per chunk (teacher scoring and student loss)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
@@ -213,6 +221,11 @@ def main() -> None:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device} but torch.cuda.is_available() is False: use --device cpu")
+    from opd_mini.registry import LOSS_REGISTRY
+
+    if args.loss not in LOSS_REGISTRY or LOSS_REGISTRY[args.loss].signal is None:
+        p.error(f"--loss must be a registered loss that scores with the teacher, one of "
+                f"{', '.join(n for n, s in LOSS_REGISTRY.items() if s.signal is not None)}; got {args.loss!r}")
     unknown = [x for x in args.paths.split(",") if x not in PATHS]
     if unknown:
         p.error(f"--paths must name paths from {', '.join(PATHS)}; got {', '.join(unknown)}")
@@ -235,8 +248,8 @@ def main() -> None:
         print(f"done: {path}", file=sys.stderr)
 
     r0 = rows[0]
-    print(f"V={args.vocab}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
-          f"top-K {args.top_k}, chunk {args.chunk}, device {args.device}, {args.steps} timed steps; "
+    print(f"loss {args.loss}, V={args.vocab}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new "
+          f"tokens, top-K {args.top_k}, chunk {args.chunk}, device {args.device}, {args.steps} timed steps; "
           f"student+teacher weights {r0['model_params_MB']:.0f} MB, AdamW state {r0['adam_state_MB']:.0f} MB, "
           f"RSS after loading {r0['baseline_rss_MB']:.0f} MB")
     mem_note = "above RSS after loading" if args.device == "cpu" else "max allocated"

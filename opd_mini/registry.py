@@ -66,6 +66,9 @@ class LossBatch:
     teacher_logp_BTV: torch.Tensor | None = None  # (B, T, V) log q(·|c_t), only for signal="full"
     rewards_B: torch.Tensor | None = None  # (B,) verifiable reward of each row
     group_size: int = 1  # rows per prompt, consecutive (the GRPO group)
+    # positions s -> teacher_logp_BTV[:, s], computed on demand (the fused path keeps the teacher's hidden
+    # states instead of its (B, T, V) log-probs); slice_T fills teacher_logp_BTV of the chunk from it
+    teacher_logp_fn: Callable[[slice], torch.Tensor] | None = None
 
     def slice_T(self, s: slice) -> "LossBatch":
         """The batch restricted to completion positions ``s`` (for distribution losses computed in chunks)."""
@@ -73,6 +76,8 @@ class LossBatch:
         for name, value in cut.items():
             if isinstance(value, torch.Tensor) and name.endswith(("_BT", "_BTK", "_BTV")):
                 cut[name] = value[:, s]
+        if self.teacher_logp_BTV is None and self.teacher_logp_fn is not None:
+            cut["teacher_logp_BTV"], cut["teacher_logp_fn"] = self.teacher_logp_fn(s), None
         return LossBatch(**cut)
 
     @classmethod

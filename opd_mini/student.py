@@ -94,7 +94,9 @@ def loss_and_backward(model, batch: MicroBatch, spec: LossSpec, opts: LossOption
     Simple path (``chunk_size`` = 0): logits (B, T, V) in one piece. Chunked path: one forward of the
     decoder gives hidden states (B, T, H); the output head runs on C positions at a time, so at most
     (B, C, V) logits exist at once, and their gradient is accumulated into the hidden states, which are
-    back-propagated through the decoder once at the end. Token losses take two passes over the chunks:
+    back-propagated through the decoder once at the end. A distribution loss whose teacher arrives as
+    hidden states (``inputs.teacher_logp_fn``) has the teacher's head projected for the same C positions
+    only: no (B, T, V) tensor of either model exists. Token losses take two passes over the chunks:
     the first (no grad) gives log π_θ(y_t) for all T (the loss may couple positions, e.g. γ > 0), the
     loss's gradient w.r.t. those log-probs is then pushed through each chunk in the second.
     ``check(loss, metrics)`` runs before each backward (the loop's non-finite diagnostic).
@@ -102,6 +104,7 @@ def loss_and_backward(model, batch: MicroBatch, spec: LossSpec, opts: LossOption
     check = check or (lambda loss, metrics: None)
     inputs, ids_BT, metrics = batch.inputs, batch.inputs.tokens_BT, MetricMean()
     if chunk_size == 0:  # ------------------------------------------------------------ simple path
+        inputs = inputs.slice_T(slice(None))  # a teacher kept as hidden states is projected in one piece here
         logits_BTV = completion_logits(model, batch.rollouts, vocab_size)
         x = token_logprobs(logits_BTV, ids_BT) if spec.kind == "token" else logits_BTV
         loss, mets = spec.fn(x, inputs, opts)

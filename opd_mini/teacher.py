@@ -9,7 +9,10 @@ would be 1.2 GB in float32). Each chunk keeps only what the losses need::
     topk_ids      (B, T, K)  the teacher's K most likely tokens at each position
     topk_logp     (B, T, K)  their log-probabilities (normalised over the full shared vocabulary)
     entropy       (B, T)     H(q(·|c_t)) = −Σ_v q(v|c_t) log q(v|c_t), in nats
-    full_logp     (B, T, V)  only with full=True (full-vocabulary losses)
+    full_logp     (B, T, V)  only with full=True (full-vocabulary losses, the readable reference path)
+    hidden        (B, T, H)  only with keep_hidden=True: the fused path of the full-vocabulary losses keeps
+                             the teacher's final hidden states and projects them chunk by chunk
+                             (:meth:`TeacherSignal.full_logp_chunk`), so no (B, T, V) tensor exists
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +117,18 @@ class TeacherSignal:
     topk_logp: torch.Tensor | None  # (B, T, K) float32, log-softmax over the full shared vocabulary
     entropy: torch.Tensor  # (B, T) float32: H(q(·|c_t)) in nats; 0 where the completion mask is False
     full_logp: torch.Tensor | None = None  # (B, T, V) float32, only when scored with full=True
+    hidden: torch.Tensor | None = None  # (B, T, H) the teacher's final hidden states, only with keep_hidden=True
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden (B, C, H) -> logits (B, C, V)
+
+    def full_logp_chunk(self, s: slice) -> torch.Tensor:
+        """log q(·|c_t) at completion positions ``s``, (B, C, V) float32, no grad: a slice of ``full_logp``, or
+        the output head and log-softmax applied to the kept hidden states of those positions only."""
+        if self.full_logp is not None:
+            return self.full_logp[:, s]
+        if self.hidden is None:
+            raise ValueError("the teacher was scored without full=True or keep_hidden=True")
+        with torch.no_grad():
+            return F.log_softmax(self.project(self.hidden[:, s]).float(), dim=-1)
 
 
 def teacher_is_student_base(student_model, teacher_name_or_path) -> bool:
@@ -131,15 +147,17 @@ def teacher_is_student_base(student_model, teacher_name_or_path) -> bool:
 
 @torch.no_grad()
 def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0, full: bool = False,
-          chunk_size: int = 64, disable_adapter: bool = False) -> TeacherSignal:
+          keep_hidden: bool = False, chunk_size: int = 64, disable_adapter: bool = False) -> TeacherSignal:
     """Score the rollouts under the teacher q, in chunks of ``chunk_size`` completion positions.
 
     One no-grad forward of the decoder gives hidden states (B, T, H); then for each chunk of C
     positions the output head and a float32 log-softmax over the first ``vocab_size`` logits give
     (B, C, V) log-probabilities, from which the sampled token's log-prob, the top-``top_k`` ids and
     log-probs and the entropy are kept; the chunk is then freed. ``full=True`` also keeps the whole
-    (B, T, V) log-probabilities (for full-vocabulary losses). ``disable_adapter=True`` scores a LoRA
-    student with its adapter switched off, i.e. its own base model (self-distillation).
+    (B, T, V) log-probabilities (for full-vocabulary losses); ``keep_hidden=True`` keeps the (B, T, H)
+    hidden states instead, from which :meth:`TeacherSignal.full_logp_chunk` projects any chunk on demand
+    (the same ops, so the same values). ``disable_adapter=True`` scores a LoRA student with its adapter
+    switched off, i.e. its own base model (self-distillation).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -181,6 +199,10 @@ def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0,
     finally:
         teacher_model.train(was_training)
 
+    def project(h_BCH: torch.Tensor) -> torch.Tensor:  # the teacher's head, as used above
+        with teacher_model.disable_adapter() if disable_adapter else nullcontext():
+            return project_logits(teacher_model, h_BCH, vocab_size)
+
     zero = torch.zeros((), device=device)
     return TeacherSignal(
         sampled_logp=torch.where(mask_BT, torch.cat(sampled, dim=1), zero),
@@ -188,4 +210,5 @@ def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0,
         topk_logp=torch.cat(topk_logp, dim=1) if top_k > 0 else None,
         entropy=torch.where(mask_BT, torch.cat(entropy, dim=1), zero),
         full_logp=torch.cat(full_logp, dim=1) if full else None,
+        hidden=hidden_BTH if keep_hidden else None, project=project if keep_hidden else None,
     )

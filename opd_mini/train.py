@@ -7,7 +7,8 @@
 One optimizer step, as data flowing (B rows = prompts_per_step · num_generations, T new tokens)::
 
     prompts ─► sampler.sample(student, no grad) ─► Rollouts (B, P+T), completion_mask (B, T)
-            ─► teacher.score(no grad)            ─► TeacherSignal: log q(y_t) (B, T), top-K (B, T, K) or (B, T, V)
+            ─► teacher.score(no grad)            ─► TeacherSignal: log q(y_t) (B, T), top-K (B, T, K), or for
+                                                    full-vocabulary losses (B, T, V) / hidden states (B, T, H)
             ─► student forward (grad)            ─► logits (B, T, V), or chunks of them
             ─► opd_mini.losses                   ─► loss = per-token mean over the whole step's mask
             ─► backward ─► clip grad norm ─► AdamW step ─► LR scheduler step
@@ -103,9 +104,15 @@ def make_rollouts(cfg: TrainConfig, m: Models, spec: registry.LossSpec, prompts:
 
 
 def teacher_signal(cfg: TrainConfig, m: Models, rollouts: Rollouts, kind: str) -> TeacherSignal:
-    """Score the rollouts with the teacher, keeping only what the loss needs (kind: sampled | topk | full)."""
+    """Score the rollouts with the teacher, keeping only what the loss needs (kind: sampled | topk | full).
+
+    A full-vocabulary loss computed in chunks (``loss_chunk_size`` > 0) gets the teacher's hidden states,
+    projected chunk by chunk inside the loss (the fused path); with ``loss_chunk_size`` 0 it gets the
+    (B, T, V) log-probabilities in one piece (the readable reference path)."""
+    fused = kind == "full" and cfg.loss_chunk_size > 0
     return score(m.scorer, rollouts, vocab_size=m.vocab_size, top_k=cfg.top_k if kind == "topk" else 0,
-                 full=kind == "full", chunk_size=cfg.teacher_chunk_size, disable_adapter=m.teacher_is_student_base)
+                 full=kind == "full" and not fused, keep_hidden=fused, chunk_size=cfg.teacher_chunk_size,
+                 disable_adapter=m.teacher_is_student_base)
 
 
 def _chat(cfg: TrainConfig) -> bool | str:
@@ -224,6 +231,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                 batch.inputs.teacher_logp_BT = signal.sampled_logp
                 batch.inputs.teacher_topk_ids_BTK, batch.inputs.teacher_topk_logp_BTK = signal.topk_ids, signal.topk_logp
                 batch.inputs.teacher_logp_BTV = signal.full_logp
+                batch.inputs.teacher_logp_fn = signal.full_logp_chunk if signal.hidden is not None else None
                 step_metrics.add({"teacher/entropy": _masked_mean(signal.entropy, batch.mask_BT)}, batch.mask_BT)
             t_score += time.perf_counter() - t0
             t0 = time.perf_counter()

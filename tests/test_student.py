@@ -110,3 +110,72 @@ def test_qlora_student_takes_a_step(tiny_model_dir, char_tokenizer):
     assert losses[-1] < losses[0]
     with pytest.raises(ValueError, match="lora=True"):
         load_student(tiny_model_dir, lora=False, quantization="4bit")
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused chunked path of the full-vocabulary losses
+# ---------------------------------------------------------------------------------------------
+
+FULL_LOSSES = ["reverse_kl_full", "forward_kl", "jsd", "entropy_aware"]
+
+
+class _LargestVocabTensor:
+    """Records the largest number of positions of any (B, ·, V) tensor an op materialises (dispatch mode)."""
+
+    def __init__(self, vocab: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in (out if isinstance(out, (tuple, list)) else [out]):
+                    materialised = isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= t.numel() * t.element_size()
+                    if materialised and t.dim() == 3 and t.shape[-1] == vocab:  # (a broadcast view holds no memory)
+                        outer.max_positions = max(outer.max_positions, t.shape[1])
+                return out
+
+        self.max_positions, self.mode = 0, Mode()
+
+
+@pytest.mark.parametrize("loss", FULL_LOSSES)
+def test_fused_full_vocabulary_path_equals_the_reference(loss, tiny_model_dir, tiny_student_dir, char_tokenizer):
+    """Teacher hidden states projected chunk by chunk inside the loss give the reference path's loss, metrics
+    and gradients, and no (B, T, V) tensor of either model is ever created."""
+    from opd_mini import registry
+    from opd_mini.rollouts import MicroBatch
+    from opd_mini.student import loss_and_backward
+    from opd_mini.teacher import load_teacher, score
+
+    V = len(char_tokenizer)
+    teacher = load_teacher(tiny_model_dir)
+    opts = registry.LossOptions(beta=0.3, entropy_threshold=0.5)
+    spec = registry.get_loss(loss)
+    rollouts = sample(load_student(tiny_student_dir, lora=False), char_tokenizer, PROMPTS, num_generations=2,
+                      max_new_tokens=7, seed=0)
+    T = rollouts.completion_ids.shape[1]
+    assert T >= 6
+
+    def run(fused: bool):
+        student = load_student(tiny_student_dir, lora=False)
+        signal = score(teacher, rollouts, vocab_size=V, full=not fused, keep_hidden=fused, chunk_size=3)
+        inputs = registry.LossBatch(tokens_BT=rollouts.completion_ids, mask_BT=rollouts.completion_mask,
+                                    num_tokens=rollouts.num_tokens, teacher_logp_BT=signal.sampled_logp,
+                                    teacher_logp_BTV=signal.full_logp,
+                                    teacher_logp_fn=signal.full_logp_chunk if fused else None)
+        probe = _LargestVocabTensor(V)
+        with probe.mode:
+            metrics = loss_and_backward(student, MicroBatch(rollouts, inputs), spec, opts, vocab_size=V,
+                                        chunk_size=2 if fused else 0)
+        grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        return metrics.result(), grads, probe.max_positions
+
+    ref_metrics, ref_grads, ref_positions = run(fused=False)
+    metrics, grads, positions = run(fused=True)
+    assert ref_positions >= T and positions <= 3  # the reference holds (B, T, V); the fused path chunks of ≤ 3
+    assert metrics.keys() == ref_metrics.keys()
+    for k in metrics:
+        assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-5, abs=1e-7), k
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
