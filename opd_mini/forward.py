@@ -70,13 +70,23 @@ def project_logits(model, hidden_BTH: torch.Tensor, vocab_size: int | None = Non
     return logits_BTV[..., :vocab_size] if vocab_size is not None else logits_BTV
 
 
+#: Elements of one (B, C, V) logits chunk when the chunk size is chosen automatically: 2^22 fp32 = 16 MB.
+AUTO_CHUNK_ELEMENTS = 2 ** 22
+
+
 @torch.no_grad()
-def sampled_token_logprobs(model, rollouts: Rollouts, vocab_size: int | None = None, chunk_size: int = 64) -> torch.Tensor:
+def sampled_token_logprobs(model, rollouts: Rollouts, vocab_size: int | None = None,
+                           chunk_size: int | None = None) -> torch.Tensor:
     """log π(y_t|c_t) of the rollouts' completion tokens under ``model``, shape (B, T), no grad; 0 where
     the completion mask is False. One forward of the decoder, then the output head in chunks of
-    ``chunk_size`` positions, so the (B, T, V) logits never sit in memory at once."""
+    ``chunk_size`` positions, so the (B, T, V) logits never sit in memory at once (None: as many positions
+    as keep a chunk near :data:`AUTO_CHUNK_ELEMENTS`, e.g. 3 at B = 8, V = 151,936; the whole T for a
+    small vocabulary). Each position's value does not depend on the chunking."""
     hidden_BTH, _ = completion_hidden(model, rollouts)
     ids_BT = rollouts.completion_ids.to(hidden_BTH.device)
+    if chunk_size is None:
+        B, V = ids_BT.shape[0], vocab_size or base_model(model).get_output_embeddings().out_features
+        chunk_size = max(1, AUTO_CHUNK_ELEMENTS // max(1, B * V))
     chunks = []
     for start in range(0, ids_BT.shape[1], chunk_size):
         logits_BCV = project_logits(model, hidden_BTH[:, start:start + chunk_size], vocab_size)
