@@ -24,6 +24,7 @@ import torch
 
 from opd_mini import losses, registry
 from opd_mini.config import TrainConfig, parse_args
+from helpers import loop_args, read_log
 from opd_mini.train import main, train
 
 PACKAGE = Path(losses.__file__).parent
@@ -59,24 +60,12 @@ def clean_registry():
             del sys.modules[name]
 
 
-def run_args(student: str, teacher: str, out: Path, **overrides) -> list[str]:
-    values = dict(student=student, teacher=teacher, device="cpu", dtype="float32", steps=2, prompts_per_step=4,
-                  num_generations=2, max_new_tokens=5, eval_prompts=3, eval_samples=2, pass_k=2, eval_every=0,
-                  progress="false", lora="false", lr=1e-3, out_dir=str(out))
-    values.update(overrides)
-    return [item for k, v in values.items() for item in (f"--{k}", str(v))]
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_user_loss_trains_through_the_command_line(tiny_student_dir, tiny_model_dir, tmp_path, clean_registry,
                                                      capsys):
     plugin = tmp_path / "my_losses.py"
     plugin.write_text(PLUGIN)
     out = tmp_path / "cli"
-    args = run_args(tiny_student_dir, tiny_model_dir, out, loss_plugins=plugin, loss="mixed_kl_plugin",
+    args = loop_args(tiny_student_dir, tiny_model_dir, out, loss_plugins=plugin, loss="mixed_kl_plugin",
                     loss_args="alpha=0.25", loss_chunk_size=2)
     assert main(args) == 0
     rows = read_log(out)
@@ -98,7 +87,7 @@ def test_a_user_loss_trains_in_a_fresh_process(tiny_student_dir, tiny_model_dir,
     plugin.write_text(PLUGIN)
     out = tmp_path / "proc"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "opd_mini.train", *run_args(
+    proc = subprocess.run([sys.executable, "-m", "opd_mini.train", *loop_args(
         tiny_student_dir, tiny_model_dir, out, steps=1, loss_plugins=plugin, loss="mixed_kl_plugin")],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,19 +18,8 @@ import torch
 
 from opd_mini import runs
 from opd_mini.tasks import get_task
+from helpers import loop_args, read_log
 from opd_mini.train import main
-
-
-def args_for(student: str, teacher: str, out: Path, **overrides) -> list[str]:
-    values = dict(student=student, teacher=teacher, device="cpu", dtype="float32", steps=2, prompts_per_step=4,
-                  num_generations=2, max_new_tokens=5, eval_prompts=3, eval_samples=2, pass_k=2, eval_every=0,
-                  progress="false", lora="false", lr=1e-3, out_dir=str(out))
-    values.update(overrides)
-    return [item for k, v in values.items() for item in (f"--{k}", str(v))]
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def first_error_line(err: str) -> str:
@@ -75,26 +64,26 @@ def _char_tokenizer_with_swapped(a: str, b: str):
 def test_a_teacher_with_another_vocabulary_is_refused(pair, tmp_path, capsys):
     teacher = _save_teacher_with_tokenizer(pair["teacher"], tmp_path / "swapped", _char_tokenizer_with_swapped("1", "2"))
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], teacher, out)) == 2
+    assert main(loop_args(pair["student"], teacher, out)) == 2
     line = first_error_line(capsys.readouterr().err)
     assert "tokenizers differ" in line and "'1'" in line and "'2'" in line
     assert not (out / "metrics.jsonl").exists()
     # the check can be switched off by someone who knows the ids mean the same
-    assert main(args_for(pair["student"], teacher, tmp_path / "unchecked", check_tokenizers="false")) == 0
+    assert main(loop_args(pair["student"], teacher, tmp_path / "unchecked", check_tokenizers="false")) == 0
 
 
 def test_a_teacher_with_another_chat_template_or_eos_is_refused(pair, char_tokenizer, tmp_path, capsys):
     templated = char_tokenizer.__class__.from_pretrained(pair["teacher"])
     templated.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     teacher = _save_teacher_with_tokenizer(pair["teacher"], tmp_path / "templated", templated)
-    assert main(args_for(pair["student"], teacher, tmp_path / "a")) == 2
+    assert main(loop_args(pair["student"], teacher, tmp_path / "a")) == 2
     assert "chat template" in first_error_line(capsys.readouterr().err)
-    assert main(args_for(pair["student"], teacher, tmp_path / "b", use_chat_template="no")) == 0  # not rendered
+    assert main(loop_args(pair["student"], teacher, tmp_path / "b", use_chat_template="no")) == 0  # not rendered
 
     other_eos = char_tokenizer.__class__.from_pretrained(pair["teacher"])
     other_eos.eos_token = "<pad>"
     teacher = _save_teacher_with_tokenizer(pair["teacher"], tmp_path / "eos", other_eos)
-    assert main(args_for(pair["student"], teacher, tmp_path / "c")) == 2
+    assert main(loop_args(pair["student"], teacher, tmp_path / "c")) == 2
     assert "eos_token" in first_error_line(capsys.readouterr().err)
 
 
@@ -105,8 +94,8 @@ def test_a_teacher_with_another_chat_template_or_eos_is_refused(pair, char_token
 
 def test_resume_applies_a_changed_learning_rate(pair, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=2, lr=1e-3)) == 0
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=4, lr=5e-4, weight_decay=0.1,
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, lr=1e-3)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=4, lr=5e-4, weight_decay=0.1,
                          resume="true")) == 0
     err = capsys.readouterr().err
     assert "applied from step 3" in err and "'lr': (0.001, 0.0005)" in err
@@ -119,11 +108,11 @@ def test_resume_applies_a_changed_learning_rate(pair, tmp_path, capsys):
 
 def test_resume_refuses_what_cannot_change_and_loses_nothing(pair, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=2)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2)) == 0
     before = (out / "metrics.jsonl").read_text()
     for change in (dict(lora="true"), dict(student=pair["teacher"]), dict(dtype="bfloat16")):
         values = {"student": pair["student"], "teacher": pair["teacher"], **change}
-        assert main(args_for(values.pop("student"), values.pop("teacher"), out, steps=3, resume="true", **values)) == 2
+        assert main(loop_args(values.pop("student"), values.pop("teacher"), out, steps=3, resume="true", **values)) == 2
         line = first_error_line(capsys.readouterr().err)
         assert "--resume cannot change" in line and next(iter(change)) in line
     assert (out / "metrics.jsonl").read_text() == before
@@ -132,20 +121,20 @@ def test_resume_refuses_what_cannot_change_and_loses_nothing(pair, tmp_path, cap
 
 def test_resume_from_a_damaged_checkpoint_falls_back_or_names_the_file(pair, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=2, save_every=1, keep_checkpoints=2)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, save_every=1, keep_checkpoints=2)) == 0
     newest = runs.checkpoint_dirs(out)[-1] / "trainer_state.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=3, save_every=1, keep_checkpoints=2,
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=3, save_every=1, keep_checkpoints=2,
                          resume="true")) == 0
     err = capsys.readouterr().err
     assert "step_000002" in err and "cannot be read" in err and "resumed from" in err and "step_000001" in err
     assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
 
     only = tmp_path / "only"
-    assert main(args_for(pair["student"], pair["teacher"], only, steps=1)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], only, steps=1)) == 0
     state = runs.checkpoint_dirs(only)[-1] / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
-    assert main(args_for(pair["student"], pair["teacher"], only, steps=2, resume="true")) == 2
+    assert main(loop_args(pair["student"], pair["teacher"], only, steps=2, resume="true")) == 2
     assert str(state) in first_error_line(capsys.readouterr().err)
 
 
@@ -163,7 +152,7 @@ def test_file_tasks_hold_out_their_evaluation_prompts(pair, tmp_path, capsys):
     assert len(eval_prompts) == 4 and len(train_prompts) == 36 and not train_prompts & eval_prompts
 
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, task=f"jsonl:{data}", steps=3, eval_prompts=50)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, task=f"jsonl:{data}", steps=3, eval_prompts=50)) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_prompts_trained_on"] == 0.0
@@ -172,7 +161,7 @@ def test_file_tasks_hold_out_their_evaluation_prompts(pair, tmp_path, capsys):
 
 def test_a_generated_task_reports_how_many_eval_prompts_were_trained_on(pair, tmp_path):
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, task="reverse:1", steps=3, eval_prompts=5)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, task="reverse:1", steps=3, eval_prompts=5)) == 0
     summary = json.loads((out / "summary.json").read_text())  # reverse:1 has only 10 distinct prompts
     from opd_mini.eval import held_out_examples
 
@@ -188,7 +177,7 @@ def test_a_separate_eval_file(pair, tmp_path):
     train_file.write_text(json.dumps({"prompt": "12>", "answer": "21"}) + "\n")  # one example: trained on whole
     eval_file.write_text("".join(json.dumps({"prompt": f"{n}>", "answer": str(n)[::-1]}) + "\n" for n in (34, 56)))
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, task=f"jsonl:{train_file}",
+    assert main(loop_args(pair["student"], pair["teacher"], out, task=f"jsonl:{train_file}",
                          eval_task=f"jsonl:{eval_file}")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_source"].startswith("2 examples of jsonl:") and summary["eval_prompts_trained_on"] == 0.0
@@ -201,10 +190,10 @@ def test_a_separate_eval_file(pair, tmp_path):
 
 def test_a_second_run_into_a_live_out_dir_is_refused(pair, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=1)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=1)) == 0
     before = (out / "metrics.jsonl").read_text()
     with runs.locked_out_dir(out):  # a run in progress
-        assert main(args_for(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
+        assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
         line = first_error_line(capsys.readouterr().err)
         assert "is in use by another run" in line and f"pid {os.getpid()}" in line
     assert (out / "metrics.jsonl").read_text() == before
@@ -219,13 +208,13 @@ def test_a_killed_run_leaves_no_stale_lock(pair, tmp_path):
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait(timeout=30)
     time.sleep(0.1)
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=1)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=1)) == 0
 
 
 def test_an_out_dir_that_is_a_file(pair, tmp_path, capsys):
     target = tmp_path / "a_file"
     target.write_text("keep me")
-    assert main(args_for(pair["student"], pair["teacher"], target)) == 2
+    assert main(loop_args(pair["student"], pair["teacher"], target)) == 2
     assert "not a directory" in first_error_line(capsys.readouterr().err) and target.read_text() == "keep me"
 
 
@@ -249,7 +238,7 @@ def test_a_gradient_spike_stops_the_run_before_the_step_is_applied(pair, tmp_pat
 
     monkeypatch.setitem(registry.LOSS_REGISTRY, "reverse_kl_sampled", dataclasses.replace(spec, fn=blows_up_at_step_14))
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=20, save_every=5)) == 3
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=20, save_every=5)) == 3
     err = capsys.readouterr().err
     assert "diverging at step 14" in err and "this step was not applied" in err and "step_000010" in err
     assert "--dtype float32" not in err  # the advice fits the run: it is float32 already
@@ -257,13 +246,13 @@ def test_a_gradient_spike_stops_the_run_before_the_step_is_applied(pair, tmp_pat
     assert [p.name for p in runs.checkpoint_dirs(out)] == ["step_000010"]
     # the detector is off with --divergence_factor 0, and then the spike is simply applied
     calls["n"] = 0
-    assert main(args_for(pair["student"], pair["teacher"], tmp_path / "off", steps=15, divergence_factor=0)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], tmp_path / "off", steps=15, divergence_factor=0)) == 0
 
 
 def test_healthy_runs_do_not_trip_the_divergence_check(pair, tmp_path):
     for loss in ("reverse_kl_sampled", "reverse_kl_topk", "sft", "grpo"):
         out = tmp_path / loss
-        assert main(args_for(pair["student"], pair["teacher"], out, loss=loss, steps=25)) == 0, loss
+        assert main(loop_args(pair["student"], pair["teacher"], out, loss=loss, steps=25)) == 0, loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +284,10 @@ def test_bad_settings_and_files_are_one_line_errors(pair, tmp_path, capsys):
 
 def test_a_damaged_metrics_log_is_named_on_resume(pair, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=1)) == 0
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=1)) == 0
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 2, "loss/to\n')
-    assert main(args_for(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
     line = first_error_line(capsys.readouterr().err)
     assert str(out / "metrics.jsonl") in line and "line 3" in line
 
