@@ -221,3 +221,24 @@ def test_cli_writes_the_schema(cli_run):
     for fig in result["figures"]:
         with open(fig, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_registered_user_loss_runs_in_the_comparison(cfg, setup, monkeypatch):
+    """A loss registered from user code is a method of experiment 3: here a copy of the full reverse KL,
+    which must reproduce opd_full's run exactly (same samples, same updates)."""
+    import dataclasses
+
+    from opd_mini import registry
+
+    monkeypatch.setattr(registry, "LOSS_REGISTRY", dict(registry.LOSS_REGISTRY))  # leave the table as it was
+
+    @registry.register("user_reverse_kl", kind="distribution", signal="full")
+    def user_reverse_kl(student_logits_BTV, batch, opts):
+        return registry.LOSS_REGISTRY["reverse_kl_full"].fn(student_logits_BTV, batch, opts)
+
+    small = dataclasses.replace(cfg, methods=("opd_full", "user_reverse_kl"), cmp_steps=20).validate()
+    table, _, _ = fg.run_comparison(small, setup, progress=False)
+    assert table[1]["method"] == "user_reverse_kl"
+    assert {k: v for k, v in table[0].items() if k != "method"} == {k: v for k, v in table[1].items() if k != "method"}
+    with pytest.raises(ValueError, match="unknown method 'not_registered'"):
+        dataclasses.replace(cfg, methods=("not_registered",)).validate()

@@ -1,13 +1,12 @@
 """Entry point of the toy reproductions: ``python -m toy [EXPERIMENT] [--out DIR] [options]``.
 
-Each experiment is a module listed in :data:`EXPERIMENTS`, imported only when it runs. The contract
-of an experiment module: ``add_arguments(parser)`` adds its options to an ``argparse`` parser, and
-``main(args) -> dict`` runs it, writes ``args.out/<name>.json`` and its figures, prints a table, and
-returns the results (including a ``"figures"`` list of the PNG paths it wrote, when it wrote any).
+Each experiment is a module listed in :data:`EXPERIMENTS`. The contract of an experiment module:
+``add_arguments(parser)`` adds its options to an ``argparse`` parser (one per field of its ``Config``,
+see :mod:`toy.cli`), and ``main(args) -> dict`` runs it, writes ``args.out/<name>.json`` and its
+figures, prints a table, and returns the results (including a ``"figures"`` list of the PNG paths).
 
-``python -m toy`` with no experiment runs every available experiment with its defaults into
-``--out`` (default ``runs/toy``). An experiment whose module does not exist yet is reported as not
-available and skipped; any other error propagates.
+``python -m toy`` with no experiment runs every experiment with its defaults into ``--out`` (default
+``runs/toy``). Bad options end in one ``error:`` line and exit code 2.
 
 Examples::
 
@@ -25,6 +24,8 @@ import sys
 import time
 from types import ModuleType
 
+from opd_mini.config import run_cli
+
 #: experiment name -> module implementing ``add_arguments(parser)`` and ``main(args) -> dict``
 EXPERIMENTS: dict[str, str] = {
     "bias-variance": "toy.bias_variance",
@@ -34,19 +35,9 @@ EXPERIMENTS: dict[str, str] = {
 DEFAULT_OUT = "runs/toy"
 
 
-def load_experiment(name: str) -> ModuleType | None:
-    """Import an experiment's module; None when that module itself does not exist (yet).
-
-    Only a missing module *of the experiment* counts as "not available": an ImportError raised from
-    inside the module (a broken import in its own code) propagates.
-    """
-    module_name = EXPERIMENTS[name]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None
-        raise
+def load_experiment(name: str) -> ModuleType:
+    """Import an experiment's module."""
+    return importlib.import_module(EXPERIMENTS[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,43 +68,52 @@ def defaults_for(module: ModuleType, out: str) -> argparse.Namespace:
     return args
 
 
+def check_out(out: str) -> None:
+    """A ValueError unless ``out`` is (or can become) a writable directory."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a directory: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be created ({e.strerror}): choose a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out} is not writable: choose a writable --out")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     help_only = any(a in ("-h", "--help") for a in argv)
     args, rest = build_parser().parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    if args.experiment is None:
-        if help_only or rest:
-            build_parser().parse_args(argv)  # prints help, or the error for unknown options, and exits
-    else:
+    if args.experiment is not None:
         module = load_experiment(args.experiment)
-        if module is None:
-            print(f"experiment {args.experiment!r} is not available: module {EXPERIMENTS[args.experiment]} does not exist")
-            sys.exit(2)
         sub_argv = list(argv)
         sub_argv.remove(args.experiment)  # its first occurrence: the positional experiment name
-        return {args.experiment: module.main(experiment_parser(args.experiment, module).parse_args(sub_argv))}
+        sub_args = experiment_parser(args.experiment, module).parse_args(sub_argv)
+        check_out(sub_args.out)
+        return {args.experiment: module.main(sub_args)}
+    if help_only or rest:
+        build_parser().parse_args(argv)  # prints help, or the error for unknown options, and exits
 
-    results, missing = {}, []
+    check_out(args.out)
+    results = {}
     start = time.perf_counter()
     for name in EXPERIMENTS:
         module = load_experiment(name)
-        if module is None:
-            print(f"[toy] {name}: not available (module {EXPERIMENTS[name]} does not exist), skipped")
-            missing.append(name)
-            continue
         print(f"[toy] running {name} -> {args.out}")
         results[name] = module.main(defaults_for(module, args.out))
     print(f"\n[toy] done in {time.perf_counter() - start:.1f} s; results in {args.out}/")
     figures = [fig for res in results.values() if isinstance(res, dict) for fig in res.get("figures", [])]
-    if os.path.isdir(args.out):  # also any figure an experiment wrote without listing it
-        figures += [os.path.join(args.out, f) for f in sorted(os.listdir(args.out))
-                    if f.endswith(".png") and os.path.join(args.out, f) not in figures]
+    figures += [os.path.join(args.out, f) for f in sorted(os.listdir(args.out))  # any figure not listed
+                if f.endswith(".png") and os.path.join(args.out, f) not in figures]
     for fig in figures:
         print(f"[toy] figure: {fig}")
-    if missing:
-        print(f"[toy] not available: {', '.join(missing)}")
     return results
 
 
-if __name__ == "__main__":
+def _cli() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(_cli))

@@ -40,22 +40,24 @@ exact sequence KL is recorded along the way (training records carry an extra "lr
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from opd_mini import losses
-import toy
+from opd_mini import losses, registry
+from toy import report
+from toy.cli import add_config_arguments, check, config_from_args as _config_from_args
 from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, sample, sequence_kl
 
 ESTIMATORS = ("sampled_token", "full", "topk")
+#: The estimators' names → the registered losses that compute them; any other registered loss name is
+#: measured as it is (``Config.extra_losses``), on the same sequence scale.
+ESTIMATOR_LOSSES = {"sampled_token": "reverse_kl_sampled", "full": "reverse_kl_full", "topk": "reverse_kl_topk"}
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Config:
     threads: int = 1
     """torch CPU threads while running: the tensors are tiny, and on a shared 2-core machine one thread
     was 3-30× faster than two (thread start-up and contention dominate)"""
+    extra_losses: tuple[str, ...] = ()
+    """registered losses (opd_mini.registry, e.g. your own) measured next to full and top-K"""
     fast: bool = False
     """small settings for tests (overrides the sizes above)"""
 
@@ -107,6 +111,27 @@ class Config:
         if self.fast:
             self.V, self.Ts, self.enum_limit, self.mc_samples = 3, (1, 2, 3, 4), 2_000_000, 4_000
             self.train_T, self.train_steps, self.train_seeds, self.eval_every = 3, 40, 2, 10
+        return self
+
+    def validate(self) -> "Config":
+        """A ValueError naming the option and what is allowed, for any setting out of range."""
+        check(self.V >= 2 and self.P >= 1, f"--V must be >= 2 and --P >= 1, got V={self.V}, P={self.P}")
+        check(bool(self.Ts) and all(T >= 1 for T in self.Ts), f"--Ts must be horizons >= 1, got {self.Ts}")
+        check(bool(self.gammas) and all(0 <= g <= 1 for g in self.gammas),
+              f"--gammas must lie in [0, 1], got {self.gammas}")
+        check(2 <= self.topk <= self.V, f"--topk must lie in [2, V={self.V}], got {self.topk}")
+        check(self.teacher_scale >= 0 and self.student_scale >= 0, "--teacher-scale and --student-scale must be >= 0")
+        check(bool(self.lrs) and all(lr > 0 for lr in self.lrs), f"--lrs must be > 0, got {self.lrs}")
+        check(self.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}")
+        check(min(self.batch_size, self.train_T, self.train_seeds, self.eval_every, self.threads) >= 1
+              and self.train_steps >= 0 and self.mc_samples >= 2 and self.enum_limit >= 1,
+              "--batch-size, --train-T, --train-seeds, --eval-every, --threads must be >= 1, --train-steps >= 0, "
+              "--mc-samples >= 2")
+        for name in self.extra_losses:
+            spec = registry.LOSS_REGISTRY.get(name)
+            check(spec is not None and spec.signal is not None and not spec.reward and spec.rollouts == "student",
+                  f"--extra-losses: {name!r} is not a registered on-policy distillation loss; registered: "
+                  f"{', '.join(registry.LOSS_REGISTRY)}")
         return self
 
 
@@ -120,27 +145,25 @@ def per_sequence_gradients(student: TablePolicy, teacher: TablePolicy, prompts_N
     """Sequence-scale gradient of an estimator for each sequence, with respect to the student's logits
     at each position: ``g_NTV[n, t] = T · ∂ loss(y_n) / ∂ logits(p_n, c_t(y_n))``, shape (N, T, V).
 
-    The loss is one of ``opd_mini.losses`` evaluated on the batch with ``num_tokens=T``, so the batch
+    The loss is a registered one of ``opd_mini.registry`` (``estimator``: ``sampled_token`` with ``gamma``,
+    ``full``, ``topk`` without the sampled token, or any registered name) evaluated on the batch with
+    ``num_tokens=T``, so the batch
     loss is the *sum* of the one-sequence losses and the gradient of each sequence's logits is that
     sequence's own. For a table student, ``g_NTV[n, t]`` is the gradient with respect to
     ``table_PSV[p_n, s_t(y_n)]``.
     """
+    name = ESTIMATOR_LOSSES.get(estimator, estimator)
+    if name not in registry.LOSS_REGISTRY:
+        raise ValueError(f"estimator must be one of {ESTIMATORS} or a registered loss "
+                         f"({', '.join(registry.LOSS_REGISTRY)}), got {estimator!r}")
     T = tokens_NT.shape[1]
     logits_NTV = student.logits(prompts_N, tokens_NT).detach().requires_grad_(True)
     with torch.no_grad():
-        teacher_logp_NTV = torch.log_softmax(teacher.logits(prompts_N, tokens_NT).float(), dim=-1)
-    mask_NT = torch.ones_like(tokens_NT, dtype=torch.bool)
-    if estimator == "sampled_token":
-        student_logp_NT = losses.token_logprobs(logits_NTV, tokens_NT)
-        teacher_logp_NT = losses.token_logprobs(teacher_logp_NTV, tokens_NT)
-        loss, _ = losses.reverse_kl_sampled_token(student_logp_NT, teacher_logp_NT, mask_NT, gamma=gamma, num_tokens=T)
-    elif estimator == "full":
-        loss, _ = losses.reverse_kl_full(logits_NTV, teacher_logp_NTV, mask_NT, num_tokens=T)
-    elif estimator == "topk":
-        topk_logp_NTK, topk_ids_NTK = teacher_logp_NTV.topk(topk, dim=-1)
-        loss, _ = losses.reverse_kl_topk(logits_NTV, topk_ids_NTK, topk_logp_NTK, mask_NT, num_tokens=T)
-    else:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        teacher_logits_NTV = teacher.logits(prompts_N, tokens_NT).float()
+    batch = registry.LossBatch.from_teacher_logits(tokens_NT, teacher_logits_NTV, signal=registry.get_loss(name).signal,
+                                                   top_k=topk, num_tokens=T)
+    opts = registry.LossOptions(gamma=0.0 if gamma is None else gamma, top_k=topk, add_sampled_token=False)
+    loss, _ = registry.compute_loss(name, logits_NTV, batch, opts)
     (grad_NTV,) = torch.autograd.grad(loss, logits_NTV)
     return grad_NTV * T
 
@@ -233,7 +256,7 @@ def make_pair(cfg: Config, T: int) -> tuple[TablePolicy, TablePolicy]:
 
 def measure_estimators(cfg: Config, progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Rows for the γ family ("estimators") and for the distribution-level losses ("other_estimators")."""
-    specs = [("sampled_token", g) for g in cfg.gammas] + [("full", None), ("topk", None)]
+    specs = [("sampled_token", g) for g in cfg.gammas] + [(name, None) for name in ("full", "topk", *cfg.extra_losses)]
     rows, other = [], []
     for T in tqdm(cfg.Ts, desc="horizons", disable=not progress):
         teacher, student = make_pair(cfg, T)
@@ -253,7 +276,7 @@ def measure_estimators(cfg: Config, progress: bool = True) -> tuple[list[dict], 
             if name == "sampled_token":
                 rows.append({"gamma": gamma, **row})
             else:
-                other.append({"estimator": name if name == "full" else f"top{cfg.topk}", **row})
+                other.append({"estimator": f"top{cfg.topk}" if name == "topk" else name, **row})
     return rows, other
 
 
@@ -277,103 +300,15 @@ def train_curves(cfg: Config, progress: bool = True) -> list[dict]:
                 break
             prompts_B = torch.randint(w.P, (cfg.batch_size,), generator=gen)
             tokens_BT = sample(student, prompts_B, gen)
-            student_logp_BT = losses.token_logprobs(student.logits(prompts_B, tokens_BT), tokens_BT)
             with torch.no_grad():
                 teacher_logp_BT = losses.token_logprobs(teacher.logits(prompts_B, tokens_BT), tokens_BT)
-            loss, _ = losses.reverse_kl_sampled_token(student_logp_BT, teacher_logp_BT, mask_BT, gamma=gamma)
+            batch = registry.LossBatch(tokens_BT=tokens_BT, mask_BT=mask_BT, teacher_logp_BT=teacher_logp_BT)
+            loss, _ = registry.compute_loss("reverse_kl_sampled", student.logits(prompts_B, tokens_BT), batch,
+                                            registry.LossOptions(gamma=gamma))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     return records
-
-
-def print_table(rows: list[dict], other: list[dict], cfg: Config) -> None:
-    gammas, Ts = list(cfg.gammas), list(cfg.Ts)
-    by = {(r["gamma"], r["T"]): r for r in rows}
-    print(f"\nBias and variance vs the exact ∇KL(π(y_1:T)‖q(y_1:T)) — V={cfg.V}, P={cfg.P}, sequence scale; "
-          f"variance per single sequence (divide by B for a batch of B)")
-    head = f"{'T':>3} {'method':>6} {'‖∇KL‖':>9} | " + " ".join(f"{'bias γ=' + str(g):>11}" for g in gammas) + " | " + \
-        " ".join(f"{'var γ=' + str(g):>10}" for g in gammas) + f" | {'var1/var0':>9}"
-    print(head)
-    print("-" * len(head))
-    for T in Ts:
-        r0, r1 = by[(gammas[0], T)], by[(gammas[-1], T)]
-        ratio = r1["variance"] / r0["variance"] if r0["variance"] > 0 else float("nan")
-        print(f"{T:>3} {r0['method']:>6} {r0['exact_grad_norm']:>9.4f} | "
-              + " ".join(f"{by[(g, T)]['bias_norm']:>11.3e}" for g in gammas) + " | "
-              + " ".join(f"{by[(g, T)]['variance']:>10.3e}" for g in gammas) + f" | {ratio:>9.2f}")
-    print(f"\nDistribution-level losses on the same sequence scale (teacher top-K with K={cfg.topk}):")
-    print(f"{'T':>3} {'estimator':>10} {'bias':>11} {'variance':>11}")
-    for r in other:
-        print(f"{r['T']:>3} {r['estimator']:>10} {r['bias_norm']:>11.3e} {r['variance']:>11.3e}")
-
-
-def summarise_training(records: list[dict], cfg: Config) -> None:
-    for lr in cfg.lrs:
-        recs = [r for r in records if r["lr"] == lr]
-        print(f"\nTraining (T={cfg.train_T}, {cfg.optimizer}, lr={lr}, batch {cfg.batch_size}, {cfg.train_steps} steps, "
-              f"{cfg.train_seeds} seeds): exact KL(π‖q), mean over seeds [min, max]")
-        steps = sorted({r["step"] for r in recs})
-        marks = [steps[0], steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]]
-        print(f"{'γ':>5} " + " ".join(f"{'step ' + str(s):>24}" for s in marks))
-        for g in cfg.gammas:
-            cells = []
-            for s in marks:
-                v = [r["exact_kl"] for r in recs if r["gamma"] == g and r["step"] == s]
-                cells.append(f"{sum(v) / len(v):>8.4f} [{min(v):.3f}, {max(v):.3f}]")
-            print(f"{g:>5} " + " ".join(f"{c:>24}" for c in cells))
-
-
-def plot(rows: list[dict], records: list[dict], cfg: Config, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gammas, Ts = list(cfg.gammas), list(cfg.Ts)
-    by = {(r["gamma"], r["T"]): r for r in rows}
-    cmap = plt.get_cmap("viridis")
-    colors = {g: cmap(i / max(len(gammas) - 1, 1)) for i, g in enumerate(gammas)}
-    fig, axes = plt.subplots(1, 3 + len(cfg.lrs), figsize=(4.7 * (3 + len(cfg.lrs)), 4.2))
-
-    ax = axes[0]
-    for i, T in enumerate(Ts):
-        ax.plot(gammas, [by[(g, T)]["bias_norm"] / max(by[(g, T)]["exact_grad_norm"], 1e-30) for g in gammas],
-                "o-", color=plt.get_cmap("plasma")(i / max(len(Ts) - 1, 1)), label=f"T={T}")
-    ax.set(xlabel="γ", ylabel="‖E g − ∇KL‖ / ‖∇KL‖", title="relative bias vs γ")
-    ax.legend(fontsize=7)
-
-    ax = axes[1]
-    for g in gammas:
-        ax.semilogy(Ts, [by[(g, T)]["variance"] for T in Ts], "o-", color=colors[g], label=f"γ={g}")
-    ax.set(xlabel="T", ylabel="E‖g − E g‖² (one sequence)", title="variance vs T")
-    ax.legend(fontsize=7)
-
-    ax = axes[2]
-    ratio = [by[(gammas[-1], T)]["variance"] / by[(gammas[0], T)]["variance"] for T in Ts]
-    ax.loglog(Ts, ratio, "o-", color="k", label="measured")
-    for power, style in ((1, ":"), (2, "--")):  # reference slopes through the first T ≥ 2 point
-        T0 = next((i for i, T in enumerate(Ts) if T >= 2), 0)
-        ax.loglog(Ts, [ratio[T0] * (T / Ts[T0]) ** power for T in Ts], style, color="gray", label=f"∝ T^{power}")
-    ax.legend(fontsize=7)
-    ax.set(xlabel="T", ylabel=f"var(γ={gammas[-1]}) / var(γ={gammas[0]})", title="variance ratio vs T")
-
-    for ax, lr in zip(axes[3:], cfg.lrs):
-        for g in gammas:
-            recs = [r for r in records if r["gamma"] == g and r["lr"] == lr]
-            steps = sorted({r["step"] for r in recs})
-            vals = torch.tensor([[r["exact_kl"] for r in recs if r["step"] == s] for s in steps])
-            mean, lo, hi = vals.mean(1), vals.min(1).values, vals.max(1).values
-            ax.plot(steps, mean, color=colors[g], label=f"γ={g}")
-            ax.fill_between(steps, lo, hi, color=colors[g], alpha=0.2)
-        ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="exact KL(π‖q)",
-               title=f"training T={cfg.train_T}, {cfg.optimizer} lr={lr}\n(mean, min–max over {cfg.train_seeds} seeds)")
-        ax.legend(fontsize=7)
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run(cfg: Config, out: str, progress: bool = True) -> dict:
@@ -389,11 +324,12 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - start
 
-    print_table(rows, other, cfg)
-    summarise_training(records, cfg)
+    report.print_bias_variance(rows, other, cfg)
+    report.print_training(records, cfg)
     fig_path = os.path.join(out, "bias_variance.png")
-    plot(rows, records, cfg, fig_path)
+    report.plot_bias_variance(rows, records, cfg, fig_path)
     config = {**asdict(cfg), "Ts": list(cfg.Ts), "gammas": list(cfg.gammas), "lrs": list(cfg.lrs),
+              "extra_losses": list(cfg.extra_losses),
               "gradient_scale": "sequence: T × gradient of the per-token-mean loss on one sequence (E g = ∇KL_seq at γ=1)",
               "variance_per": "single sequence; a batch of B sequences has variance / B",
               "mc_bias_note": "for method 'mc' the bias norm is sqrt(max(‖ḡ − ∇KL‖² − variance/M, 0))",
@@ -410,40 +346,13 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Config()
-    parser.add_argument("--fast", action="store_true", help="small settings (tests)")
-    parser.add_argument("--V", type=int, default=d.V, help="vocabulary size")
-    parser.add_argument("--Ts", type=int, nargs="+", default=list(d.Ts), help="horizons T")
-    parser.add_argument("--gammas", type=float, nargs="+", default=list(d.gammas), help="discounts γ")
-    parser.add_argument("--P", type=int, default=d.P, help="number of prompts")
-    parser.add_argument("--teacher-scale", type=float, default=d.teacher_scale, help="teacher logit std")
-    parser.add_argument("--student-scale", type=float, default=d.student_scale, help="initial student logit std")
-    parser.add_argument("--topk", type=int, default=d.topk, help="K of the top-K estimator")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of teacher and initial student")
-    parser.add_argument("--enum-limit", type=int, default=d.enum_limit, help="enumerate when P·V^T ≤ this, else Monte Carlo")
-    parser.add_argument("--mc-samples", type=int, default=d.mc_samples, help="samples per Monte Carlo estimate")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per training step")
-    parser.add_argument("--train-T", type=int, default=d.train_T, help="horizon of the training runs")
-    parser.add_argument("--train-steps", type=int, default=d.train_steps, help="steps per training run")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(d.lrs), help="learning rates (each γ runs at each)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
-    parser.add_argument("--train-seeds", type=int, default=d.train_seeds, help="sampling seeds per γ")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between exact-KL evaluations")
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (1 is fastest for these tiny tensors)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def add_arguments(parser) -> None:
+    add_config_arguments(parser, Config)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return toy.config_from_args(Config, args)
+def config_from_args(args) -> Config:
+    return _config_from_args(Config, args)
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args) -> dict:
     return run(config_from_args(args), args.out, progress=not getattr(args, "no_progress", False))
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="runs/toy")
-    add_arguments(p)
-    main(p.parse_args())
