@@ -135,3 +135,19 @@ def test_readme_own_loss_block_runs(tmp_path, monkeypatch):
     assert namespace["summary"]["steps_done"] == 2 and "mixed_kl" in registry.LOSS_REGISTRY
     log = (tmp_path / "runs" / "readme-mixed" / "metrics.jsonl").read_text().splitlines()
     assert "kl/forward_full" in log[-1]
+
+
+def test_layout_names_every_module_and_only_existing_ones():
+    """The README's one-line-per-file layout lists every module of opd_mini/ and toy/, and nothing that is gone."""
+    block = README.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, section = set(), None
+    for line in block.splitlines():
+        if line and not line.startswith(" "):
+            section = line.split()[0].rstrip("/")
+        elif line.strip() and section in ("opd_mini", "toy"):
+            listed.add(f"{section}/{line.split()[0]}")
+    actual = {f"{p.parent.name}/{p.name}" for d in ("opd_mini", "toy") for p in (ROOT / d).glob("*.py")
+              if p.name != "__init__.py"}
+    assert actual - listed == set(), f"modules missing from the README layout: {sorted(actual - listed)}"
+    gone = {name for name in listed if not (ROOT / name.rstrip("/")).exists()}
+    assert not gone, f"the README layout names files that do not exist: {sorted(gone)}"

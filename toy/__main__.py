@@ -6,7 +6,9 @@ see :mod:`toy.cli`), and ``main(args) -> dict`` runs it, writes ``args.out/<name
 figures, prints a table, and returns the results (including a ``"figures"`` list of the PNG paths).
 
 ``python -m toy`` with no experiment runs every experiment with its defaults into ``--out`` (default
-``runs/toy``). Bad options end in one ``error:`` line and exit code 2.
+``runs/toy``), each in its own process when the machine has the cores (every experiment runs on one
+thread, so two cores run the two side by side; the printed tables come out whole, in order). Bad
+options end in one ``error:`` line and exit code 2.
 
 Examples::
 
@@ -19,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import multiprocessing
 import os
 import sys
 import time
 from types import ModuleType
 
 from opd_mini.config import run_cli
+from toy.cli import run_captured
 
 #: experiment name -> module implementing ``add_arguments(parser)`` and ``main(args) -> dict``
 EXPERIMENTS: dict[str, str] = {
@@ -95,12 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
         build_parser().parse_args(argv)  # prints help, or the error for unknown options, and exits
 
     check_out(args.out)
-    results = {}
     start = time.perf_counter()
-    for name in EXPERIMENTS:
-        module = load_experiment(name)
-        print(f"[toy] running {name} -> {args.out}")
-        results[name] = module.main(defaults_for(module, args.out))
+    jobs = [(name, EXPERIMENTS[name], defaults_for(load_experiment(name), args.out)) for name in EXPERIMENTS]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    print(f"[toy] running {', '.join(EXPERIMENTS)} -> {args.out} ({workers} process{'es' if workers > 1 else ''})")
+    if workers > 1:
+        for job in jobs:
+            job[2].no_progress = True  # side-by-side progress bars would overwrite each other
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            outcomes = pool.map(run_captured, jobs)
+    else:
+        outcomes = [run_captured(job, capture=False) for job in jobs]
+    results = {}
+    for (name, _, _), (printed, result, seconds) in zip(jobs, outcomes):
+        print(f"\n[toy] {name} ({seconds:.1f} s)\n{printed}", end="")
+        results[name] = result
     print(f"\n[toy] done in {time.perf_counter() - start:.1f} s; results in {args.out}/")
     figures = [fig for res in results.values() if isinstance(res, dict) for fig in res.get("figures", [])]
     figures += [os.path.join(args.out, f) for f in sorted(os.listdir(args.out))  # any figure not listed

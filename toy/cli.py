@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
+import importlib
 import inspect
+import io
 import textwrap
+import time
 import typing
 
 
@@ -53,6 +57,16 @@ def config_from_args(config_cls, args: argparse.Namespace):
             value = getattr(args, f.name)
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return config_cls(**values).apply_fast().validate()
+
+
+def run_captured(job: tuple[str, str, argparse.Namespace], capture: bool = True) -> tuple[str, dict, float]:
+    """Run one experiment, ``job = (name, module, args)``: what it printed (when ``capture``), its result, its
+    seconds. A module-level function, so that ``python -m toy`` can hand it to worker processes."""
+    _, module_name, args = job
+    start, out = time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stdout(out) if capture else contextlib.nullcontext():
+        result = importlib.import_module(module_name).main(args)
+    return out.getvalue(), result, time.perf_counter() - start
 
 
 def check(ok: bool, message: str) -> None:
