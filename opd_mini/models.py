@@ -48,7 +48,8 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     for role, path in paths.items():
         if role == "teacher" and cfg.teacher in ("self", "none"):
             continue
-        if (os.sep in path or path.startswith(".")) and not os.path.exists(path):
+        looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "org/name"
+        if looks_local and not os.path.exists(os.path.expanduser(path)):
             raise ValueError(f"the {role} {path} does not exist: give a save_pretrained directory or a Hugging Face "
                              f"model id (--{role})")
     try:

@@ -298,10 +298,16 @@ def test_a_damaged_metrics_log_is_named_on_resume(pair, tmp_path, capsys):
     (["-m", "opd_mini.tiny", "--task", "bogus"], "unknown task 'bogus'"),
     (["-m", "opd_mini.train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["benchmarks/bench_step.py", "--vocab", "1"], "--vocab must be >= 2"),
+    (["-m", "toy", "--out", "a_file"], "exists and is not a directory"),
+    (["-m", "toy", "bias-variance", "--gammas", "1.5"], "--gammas must lie in [0, 1]"),
+    (["-m", "toy", "forgetting", "--methods", "nope"], "unknown method 'nope'"),
+    (["-m", "opd_mini.train", "--student", "no-such-org/no-such-model", "--device", "cpu"], "cannot load the tokenizer"),
 ])
 def test_entry_points_end_bad_input_in_one_line(argv, expected, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    (tmp_path / "a_file").write_text("not a directory")
     root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root)  # python -m toy from another directory
     argv = [str(root / a) if a.endswith(".py") else a for a in argv]
     proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from opd_mini import losses, registry
 from toy import report
-from toy.cli import add_config_arguments, check, config_from_args as _config_from_args
+from toy.cli import check, experiment_commands
 from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, sample, sequence_kl
 
 ESTIMATORS = ("sampled_token", "full", "topk")
@@ -346,13 +346,5 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    add_config_arguments(parser, Config)
-
-
-def config_from_args(args) -> Config:
-    return _config_from_args(Config, args)
-
-
-def main(args) -> dict:
-    return run(config_from_args(args), args.out, progress=not getattr(args, "no_progress", False))
+#: ``add_arguments(parser)``, ``config_from_args(args)`` and ``main(args) -> dict``, the contract of toy/__main__.py
+add_arguments, config_from_args, main = experiment_commands(Config, run)

@@ -59,6 +59,21 @@ def config_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**values).apply_fast().validate()
 
 
+def experiment_commands(config_cls, run):
+    """An experiment module's command-line contract from its ``Config`` and ``run(cfg, out, progress)``:
+    ``(add_arguments(parser), config_from_args(args), main(args) -> dict)``."""
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser, config_cls)
+
+    def from_args(args: argparse.Namespace):
+        return config_from_args(config_cls, args)
+
+    def main(args: argparse.Namespace) -> dict:
+        return run(from_args(args), args.out, progress=not getattr(args, "no_progress", False))
+
+    return add_arguments, from_args, main
+
+
 def run_captured(job: tuple[str, str, argparse.Namespace], capture: bool = True) -> tuple[str, dict, float]:
     """Run one experiment, ``job = (name, module, args)``: what it printed (when ``capture``), its result, its
     seconds. A module-level function, so that ``python -m toy`` can hand it to worker processes."""

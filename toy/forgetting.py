@@ -75,7 +75,7 @@ import torch
 from tqdm.auto import tqdm
 
 from toy import report
-from toy.cli import add_config_arguments, check, config_from_args as _config_from_args
+from toy.cli import check, experiment_commands
 from toy.exact import all_sequence_logprobs, correct_table, entropy_from_logprobs, kl_from_logprobs, sequence_ids
 from toy.forgetting_world import (METHOD_LOSSES, Setup, build_setup, evaluate, expected_gradient,
                                   gradient_check, loss_from_logits, make_multi_answer_task,
@@ -487,13 +487,5 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    add_config_arguments(parser, Config)
-
-
-def config_from_args(args) -> Config:
-    return _config_from_args(Config, args)
-
-
-def main(args) -> dict:
-    return run(config_from_args(args), args.out, progress=not getattr(args, "no_progress", False))
+#: ``add_arguments(parser)``, ``config_from_args(args)`` and ``main(args) -> dict``, the contract of toy/__main__.py
+add_arguments, config_from_args, main = experiment_commands(Config, run)
