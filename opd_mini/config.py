@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -106,8 +107,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0)
     prompts_per_step: int = opt(16, "distinct prompts per optimizer step", ge=1)
     num_generations: int = opt(1, "samples per prompt (grpo/opd_grpo need >= 2 for a group baseline)", ge=1)
-    grad_accum: int = opt(1, "micro-batches per step (prompts_per_step must divide evenly); the loss is "
-                          "normalised by the token count of the whole step", ge=1)
+    grad_accum: int = opt(1, "micro-batches per step and process (prompts_per_step must be divisible by "
+                          "num_processes × grad_accum); the loss is normalised by the token count of the whole step",
+                          ge=1)
     loss_chunk_size: int = opt(0, "compute the student's per-token losses in chunks of this many positions so "
                                "(B, T, V) fp32 logits never sit in memory at once (0 = one chunk)", ge=0)
     teacher_chunk_size: int = opt(64, "positions per chunk of the teacher's lm_head + log-softmax", ge=1)
@@ -141,6 +143,9 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "weights/compute dtype: auto (bf16 on cuda if supported, else fp32)",
                      choices=("auto", "float32", "bfloat16", "float16"))
+    ddp_backend: str = opt("auto", "communication backend of a run started on several processes by accelerate "
+                           "launch or torchrun: auto (nccl on cuda, gloo on the cpu), gloo or nccl; unused by one "
+                           "process", choices=("auto", "gloo", "nccl"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -349,7 +354,9 @@ def run_cli(body: Callable[[], int]) -> int:
 
     Bad input is a ValueError, an OSError (a missing file or model, no network), an ImportError (an
     optional package), or an error carrying an ``exit_code`` (a stopped diverging run: 3). Any other
-    exception is a bug, and keeps its traceback.
+    exception is a bug, and keeps its traceback. Under a launcher's several processes, a process other than
+    the main one names itself (``error (process 2/4): …``); each message is written in one piece, so the
+    lines of different processes do not interleave.
     """
     try:
         return body()
@@ -358,7 +365,10 @@ def run_cli(body: Callable[[], int]) -> int:
         if code is None and isinstance(e, RuntimeError):
             raise
         message = str(e) if code == 3 else " ".join(str(e).split("\n")[0].split()) or type(e).__name__
-        print(("\n" if code == 3 else "") + f"error: {message}", file=sys.stderr)
+        world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+        who = f" (process {int(rank) + 1}/{world})" if world.isdigit() and rank.isdigit() and rank != "0" else ""
+        sys.stderr.write(("\n" if code == 3 else "") + f"error{who}: {message}\n")
+        sys.stderr.flush()
         return code or 2
 
 

@@ -139,8 +139,9 @@ def resume_changes(saved: dict, now: dict) -> dict:
     """The settings that differ between a checkpoint's config and the resumed run's, as {name: (then, now)}.
 
     Those in :data:`FIXED_ON_RESUME` are a ValueError: the checkpoint's tensors would not fit the models
-    the new settings describe. Every other change is applied from the resumed step on (the loop reads
-    the config each step; the learning rate and weight decay are written into the restored optimizer).
+    the new settings describe; so is another number of processes that changes the step's micro-batches
+    (:func:`check_resumed_processes`). Every other change is applied from the resumed step on (the loop
+    reads the config each step; the learning rate and weight decay are written into the restored optimizer).
     """
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k not in IGNORED_ON_RESUME}
     fixed = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
@@ -148,7 +149,30 @@ def resume_changes(saved: dict, now: dict) -> dict:
         listed = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in fixed.items())
         raise ValueError(f"--resume cannot change {listed}: the checkpoint holds weights for the old setting; "
                          "resume with the checkpoint's values, or start a new run in another --out_dir")
+    check_resumed_processes(saved, now)
     return changed
+
+
+def check_resumed_processes(saved: dict, now: dict) -> None:
+    """A run may be resumed on another number of processes (``num_processes``, recorded in the checkpoint's
+    config; 1 when absent) only if num_processes × grad_accum stays the same: the step is then cut into the
+    same global micro-batches, with the same prompts and sampling seeds, and the resumed run continues as
+    the uninterrupted one would have (up to float rounding). Only which process computes which micro-batch
+    changes. Otherwise a ValueError says which grad_accum keeps it. On an unchanged number of processes,
+    grad_accum may change as any other setting (the micro-batches, hence the samples, change from then on).
+    """
+    before_w, now_w = int(saved.get("num_processes", 1)), int(now.get("num_processes", 1))
+    if before_w == now_w:
+        return
+    before = before_w * int(saved.get("grad_accum", 1))
+    after = now_w * int(now.get("grad_accum", 1))
+    if before != after:
+        fix = (f"resume with --grad_accum {before // now_w} on {now_w} process(es), or on {before_w}"
+               if before % now_w == 0 else f"resume on {before_w} process(es)")
+        raise ValueError(f"--resume on {now_w} process(es) with grad_accum={now.get('grad_accum', 1)} cannot "
+                         f"continue a run checkpointed on {before_w} with grad_accum={saved.get('grad_accum', 1)}: "
+                         f"num_processes × grad_accum must stay {before} (the step's micro-batches and their sampling "
+                         f"seeds); {fix}, or start a new run in another --out_dir")
 
 
 def load_checkpoint(path: Path, student, optimizer, scheduler) -> tuple[int, float, dict]:

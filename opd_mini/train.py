@@ -28,6 +28,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd_mini import losses, registry
+from opd_mini import distributed, losses, registry
 from opd_mini.config import TrainConfig, parse_args, run_cli
 from opd_mini.eval import EVAL_METRIC_DOCS, adapter_disabled, evaluate, held_out_examples
 from opd_mini.loading import resolve_device
@@ -127,21 +128,26 @@ def _chat(cfg: TrainConfig) -> bool | str:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one training run; returns a summary dict (final eval, eval history, paths).
 
-    The run holds a lock on ``out_dir`` from start to end, so a second run cannot write into it."""
+    The run holds a lock on ``out_dir`` from start to end, so a second run cannot write into it. Started by
+    ``accelerate launch`` or ``torchrun`` on several processes, it trains data-parallel (the lines marked
+    ``[dp]``; see :mod:`opd_mini.distributed`)."""
     cfg.validate()
-    with locked_out_dir(cfg.out_dir) as out_dir:
+    dist = distributed.setup(cfg)  # [dp] one process unless a launcher started several
+    with locked_out_dir(cfg.out_dir) if dist.is_main else nullcontext(Path(cfg.out_dir)) as out_dir:  # [dp]
         return _train(cfg, out_dir)
 
 
 def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     spec = registry.get_loss(cfg.loss)
     opts = registry.LossOptions.from_config(cfg)
+    dist = distributed.current()  # [dp] world 1: every dist.* call below hands its input back
     metrics_path = out_dir / "metrics.jsonl"
     previous = checkpoint_dirs(out_dir)
     if previous and not cfg.resume:
         raise ValueError(f"out_dir {out_dir} already holds checkpoints (last: {previous[-1].name}): pass --resume to "
                          "continue that run, or choose another --out_dir")
-    changed = resume_changes(saved_config(previous[-1]), cfg.to_dict()) if cfg.resume and previous else {}
+    now = {**cfg.to_dict(), "num_processes": dist.world}  # [dp] the checkpoint records its number of processes
+    changed = resume_changes(saved_config(previous[-1]), now) if cfg.resume and previous else {}
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # process-wide
@@ -153,6 +159,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
+    device = dist.place(device)  # [dp] one GPU per process
     m = load_models(cfg, device, dtype)
     task = get_task(cfg.task, eval_fraction=cfg.eval_fraction)
     # evaluation prompts: a file task's held-out split (never trained on), or a separate --eval_task
@@ -170,13 +177,16 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         for group in optimizer.param_groups:  # the restored optimizer carries the old lr: apply this run's
             group.update(initial_lr=cfg.lr, weight_decay=cfg.weight_decay, lr=cfg.lr * lr_factor(start_step, cfg))
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-        if changed:
-            print(f"resuming with changed settings (checkpoint → now), applied from step {start_step + 1}: {changed}",
-                  file=sys.stderr)
-        truncate_log(metrics_path, start_step)
-        print(f"resumed from {last_good} at step {start_step}", file=sys.stderr)
-    elif metrics_path.exists():
+        if dist.is_main:  # [dp] the main process alone reports and rewrites the log
+            if changed:
+                print(f"resuming with changed settings (checkpoint → now), applied from step {start_step + 1}: "
+                      f"{changed}", file=sys.stderr)
+            truncate_log(metrics_path, start_step)
+            print(f"resumed from {last_good} at step {start_step}", file=sys.stderr)
+    elif metrics_path.exists() and dist.is_main:  # [dp]
         metrics_path.unlink()
+    dist.broadcast_parameters(params)  # [dp] every process starts from the main process's weights
+    dist.barrier()  # [dp] the log is truncated before any process reads it
 
     def run_eval() -> dict[str, float]:
         scorer = (lambda r: teacher_signal(cfg, m, r, "sampled")) if m.scorer is not None else None  # noqa: E731
@@ -187,16 +197,18 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                        split=eval_split)
         return {**out, "time/eval": time.perf_counter() - t0}
 
-    if start_step == 0:  # evaluate the starting point
+    if not dist.is_main:  # [dp] only the main process evaluates and logs
+        history = []
+    elif start_step == 0:  # evaluate the starting point
         history = [{"step": 0, **run_eval()}]
         append_log(metrics_path, history[0])
     else:
         history = [r for r in read_log(metrics_path) if "eval/pass@1" in r]
 
-    micro_prompts = cfg.prompts_per_step // cfg.grad_accum
+    micro_prompts = cfg.prompts_per_step // (cfg.grad_accum * dist.world)  # [dp] world · grad_accum micro-batches
     grad_norms = [r["optim/grad_norm"] for r in read_log(metrics_path) if "optim/grad_norm" in r]  # on resume
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"opd {cfg.loss}",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not cfg.progress or not dist.is_main, dynamic_ncols=True)
     step = start_step
     for step_index in bar:
         step = step_index + 1
@@ -206,7 +218,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         # 1) rollouts for every micro-batch (no grad); the step's token count normalises every piece
         t0 = time.perf_counter()
         micro: list[MicroBatch] = []
-        for i in range(cfg.grad_accum):
+        for i in dist.micro_batches(cfg.grad_accum):  # [dp] global indices; range(grad_accum) on one process
             ex = examples[i * micro_prompts:(i + 1) * micro_prompts]
             r = make_rollouts(cfg, m, spec, [e.prompt for e in ex], seed=_sample_seed(cfg.seed, step_index, i)).to(device)
             mask_BT = r.completion_mask
@@ -216,7 +228,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             micro.append(MicroBatch(r, registry.LossBatch(tokens_BT=r.completion_ids, mask_BT=mask_BT,
                                                         behaviour_logp_BT=r.behaviour_logp, rewards_B=rewards_B,
                                                         group_size=cfg.num_generations)))
-        num_tokens = sum(int(b.mask_BT.sum()) for b in micro)
+        num_tokens = int(dist.sum(sum(int(b.mask_BT.sum()) for b in micro))[0])  # [dp] global N
         t_sample = time.perf_counter() - t0
 
         # 2) per micro-batch: teacher signal, student forward, loss, backward
@@ -244,6 +256,8 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
 
         # 3) clip, step the optimizer and the schedule
         t0 = time.perf_counter()
+        dist.sum_gradients(params)  # [dp] each loss is over the global N, so the sum is the step's gradient
+        step_metrics = dist.metrics(step_metrics)  # [dp]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         check_finite({"optim/grad_norm": grad_norm}, cfg=cfg, student=m.student, where=f"step {step}",
                      last_good=last_good)
@@ -256,15 +270,19 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         step_time = time.perf_counter() - t_step
         train_time += step_time
 
-        all_rewards = torch.cat([b.inputs.rewards_B for b in micro])
+        all_rewards = dist.cat(torch.cat([b.inputs.rewards_B for b in micro]))  # [dp] every process's rows
         row = {"step": step, **step_metrics.result(), "optim/lr": lr, "optim/grad_norm": float(grad_norm),
                "rollout/num_tokens": num_tokens,
-               "rollout/completion_len": num_tokens / sum(b.mask_BT.shape[0] for b in micro),
+               "rollout/completion_len": num_tokens / all_rewards.shape[0],
                "reward/mean": float(all_rewards.mean()),
                "time/sample": t_sample, "time/score": t_score, "time/train": t_train, "time/step": step_time,
                "time/train_total": train_time}
-        out_of_time = cfg.max_time_s > 0 and train_time >= cfg.max_time_s
+        out_of_time = dist.any(cfg.max_time_s > 0 and train_time >= cfg.max_time_s)  # [dp] all stop together
         last = step == cfg.steps or out_of_time
+        if not dist.is_main:  # [dp] the other processes go on to the next step's first collective
+            if out_of_time:
+                break
+            continue
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             evaluation = run_eval()
             row.update(evaluation)
@@ -273,10 +291,11 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         bar.set_postfix(_postfix(row, history))
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             last_good = save_checkpoint(out_dir, m.student, m.tokenizer, optimizer, scheduler, step=step,
-                                        train_time=train_time, config=cfg.to_dict(), keep=cfg.keep_checkpoints)
+                                        train_time=train_time, config=now, keep=cfg.keep_checkpoints)
         if out_of_time:
             break
     bar.close()
+    dist.barrier()  # [dp] the other processes wait for the main one's last evaluation and checkpoint
 
     held_out = {e.prompt for e in held_out_examples(eval_task, cfg.eval_prompts, cfg.seed, eval_split)}
     trained = {e.prompt for i in range(step) for e in _train_examples(cfg, task, i, train_split)}
@@ -286,7 +305,8 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                "final_eval": history[-1] if history else {}, "eval_history": history,
                "metrics_path": str(metrics_path), "checkpoint": str(last_good) if last_good else None,
                "out_dir": str(out_dir)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_main:  # [dp]
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -339,10 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: exit code 0, 2 for bad input (one ``error:`` line), 3 for a run stopped on NaN/inf
     or divergence (the diagnostic)."""
     def body() -> int:
-        print(format_summary(train(parse_args(argv))))
+        summary = train(parse_args(argv))
+        if distributed.current().is_main:  # [dp] one report, from the main process
+            print(format_summary(summary))
         return 0
 
-    return run_cli(body)
+    try:
+        return run_cli(body)
+    finally:
+        distributed.close()  # [dp]
 
 
 if __name__ == "__main__":
