@@ -1,160 +1,517 @@
-"""The tiny-world demonstration, offline on a CPU: continued SFT on teacher samples vs on-policy distillation.
+"""Why on-policy distillation learns fast, or does not, on tiny transformers: four settings, seven methods.
 
-    python -m opd_mini.demo [--steps 100] [--seeds 0,1] [--losses reverse_kl_sampled,reverse_kl_topk] [--out runs/demo]
+    python -m opd_mini.demo [--quick] [--settings compounding,noisy_teacher] [--methods sft,opd_full]
+                            [--seeds 0,1,2] [--out runs/demo] [--workers 2]
 
-From the tiny teacher and the briefly SFT-warm-started student of :mod:`opd_mini.tiny`, it trains
-the student three ways through the same ``train`` function and prints one table:
+Each **setting** (:mod:`opd_mini.worlds`) is a task, a teacher built to a target accuracy and a
+student warm-started to a lower one:
 
-* **continued SFT, equal samples**: the teacher generates, the student does cross-entropy on the
-  teacher's samples (off-policy), for the same number of steps × sequences as OPD;
-* **OPD**: the student generates and the teacher scores every token of the student's own samples
-  (on-policy distillation; by default three variants: sampled-token reverse KL, reverse KL inside the
-  teacher's top-K, and the exact full-vocabulary reverse KL);
-* **continued SFT, equal wall time**: SFT again, for as many steps as fit in the first OPD variant's
-  training time (sampling + scoring + updates; evaluation excluded).
+* ``counter_example``: reversal with a near-perfect teacher (the documented case where continued SFT wins);
+* ``compounding``: a walk to a goal; the teacher knows how to repair a wrong move, its own samples
+  never need to, the student has seen direct paths only;
+* ``noisy_teacher``: a stochastic teacher, greedy walk right, sampled pass@1 about 0.7;
+* ``capacity``: a one-layer width-16 student (a tenth of the teacher's parameters).
 
-All runs use the ``tiny-cpu`` preset (full fine-tuning, AdamW, its learning rate and batch) and differ
-only in the loss, so "equal samples" means equal steps × sequences per step.
+Each **method** trains the student through the same :func:`opd_mini.train.train` loop, from the same
+warm start, with the same optimiser, learning rate and budget (steps × 64 sequences); only the loss
+differs (method names start with ``sft``, ``grpo`` or ``opd``):
 
-Rows also give the teacher and the student before training. Evaluation: pass@1/pass@k by the task's
-verifier on held-out prompts (sampling at temperature 1) and the per-token reverse KL to the teacher.
-The table is also written to ``OUT/demo.md`` and ``OUT/demo.json``.
+====================  ==========================================================================
+``sft``               continued SFT on teacher samples (off-policy)
+``opd_sampled``       OPD, sampled-token reverse KL (the student samples, the teacher scores)
+``opd_topk``          OPD, reverse KL inside the teacher's top-K
+``opd_full``          OPD, full-vocabulary reverse KL
+``opd_jsd``           OPD, generalised JSD (β = 0.5), between forward and reverse KL
+``grpo``              RL with the task's verifier, no teacher
+``opd_grpo``          OPD + the verifier's reward (advantages mixed)
+====================  ==========================================================================
+
+Reported per setting and method, over seeds (mean ± standard deviation; "never" when a seed does not
+reach the target): **student sequences to the target**, the first evaluation where pass@1 closes half
+(``--quick``: 30 %) of the gap between the student's start and the teacher's sampled pass@1 (SFT's sequences are teacher
+samples); **wall seconds** and **FLOPs** to that point; final pass@1, pass@k, per-token KL to the
+teacher and per-token entropy (the teacher's own entropy on its own samples beside it); and on the
+final student's samples, the fraction that **leave the teacher's support** (a completion that none of
+8 teacher samples for its prompt is) and the success rate of those.
+
+FLOPs are estimated from parameter counts P (all weights) and the tokens of each step, logged by the
+loop: 2·P per token for a forward pass (sampling with a KV cache, teacher scoring) and 6·P for a
+student forward + backward; the sampler of SFT is the teacher, GRPO has no teacher pass.
+
+Writes ``OUT/demo.json`` (every number, per seed), ``OUT/demo.md`` (the tables) and ``OUT/demo.png``
+(pass@1 against student sequences, one panel per setting, bands of ± one standard deviation).
+Runs go to ``OUT/runs`` in ``--workers`` processes, one torch thread each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from opd_mini.config import TrainConfig, run_cli
-from opd_mini.registry import LOSS_REGISTRY
-from opd_mini.eval import evaluate
-from opd_mini.tasks import get_task
-from opd_mini.train import train
+
+#: The methods: name -> loss of the training loop (see the module docstring).
+METHODS: dict[str, str] = {
+    "sft": "sft", "opd_sampled": "reverse_kl_sampled", "opd_topk": "reverse_kl_topk", "opd_full": "reverse_kl_full",
+    "opd_jsd": "jsd", "grpo": "grpo", "opd_grpo": "opd_grpo",
+}
+SETTING_NAMES = ("counter_example", "compounding", "noisy_teacher", "capacity")
+
+#: Budgets: the full demo (about 10 minutes on 2 cores) and --quick (about 2 minutes; the tests use it).
+SCALES: dict[str, dict] = {
+    "full": dict(steps=120, eval_every=15, eval_prompts=128, methods=tuple(METHODS), gap_fraction=0.5),
+    "quick": dict(steps=30, eval_every=10, eval_prompts=48, methods=("sft", "opd_full", "grpo"), gap_fraction=0.3),
+}
+#: What every run shares: the loop's settings apart from the loss.
+#: (No divergence stop: a rare teacher token can spike SFT's gradient norm; clipping bounds those steps.)
+RUN = dict(lora=False, lr=5e-4, warmup_steps=10, prompts_per_step=16, num_generations=4, eval_samples=4, pass_k=4, threads=1,
+           save_every=0, progress=False, device="cpu", dtype="float32", divergence_factor=0.0)
+#: Teacher samples per prompt that define its support.
+SUPPORT_SAMPLES = 8
 
 
-def teacher_row(cfg: TrainConfig) -> dict:
-    """Evaluate the tiny teacher itself with the students' evaluation settings."""
+# --------------------------------------------------------------------------------------------
+# measurements of one model
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def policy_stats(model, teacher, tokenizer, task, prompts_examples: list, *, max_new_tokens: int,
+                 samples: int = 4, seed: int = 0) -> dict:
+    """On ``samples`` temperature-1 samples per prompt of ``model``: pass@1, per-token entropy, and (when a
+    ``teacher`` is given) the fraction of samples outside the teacher's support and their success rate."""
+    from opd_mini.forward import completion_logits
+    from opd_mini.sampler import sample
+
+    prompts = [e.prompt for e in prompts_examples]
+    r = sample(model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens, temperature=1.0,
+               seed=seed)
+    paired = [prompts_examples[i] for i in r.prompt_index.tolist()]
+    rewards = task.rewards(r.completions, paired)
+    logp_BTV = torch.log_softmax(completion_logits(model, r).float(), dim=-1)
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    out = {"pass@1": sum(rewards) / len(rewards),
+           "entropy": float(entropy_BT[r.completion_mask].mean())}
+    if teacher is not None:
+        t = sample(teacher, tokenizer, prompts, num_generations=SUPPORT_SAMPLES, max_new_tokens=max_new_tokens,
+                   temperature=1.0, seed=seed + 1)
+        support: dict[int, set] = {}
+        for i, c in zip(t.prompt_index.tolist(), t.completions):
+            support.setdefault(i, set()).add(c)
+        off = [c not in support[i] for i, c in zip(r.prompt_index.tolist(), r.completions)]
+        n_off = sum(off)
+        out["off_support"] = n_off / len(off)
+        out["off_support_success"] = (sum(w for w, o in zip(rewards, off) if o) / n_off) if n_off else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one run (a worker process)
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    model.requires_grad_(False)
+    return model
+
+
+def run_job(job: dict) -> dict:
+    """Train one (setting, method, seed) and measure it; returns a JSON-able dict."""
     from transformers import AutoTokenizer
 
-    from opd_mini.teacher import load_teacher
-    from opd_mini.tiny import ensure_tiny_models
+    from opd_mini.eval import held_out_examples
+    from opd_mini.tasks import get_task
+    from opd_mini.train import train
 
-    paths = ensure_tiny_models(cfg.tiny_dir or None, task=cfg.task) if "tiny" in (cfg.teacher, cfg.student) else {}
-    teacher_path = str(paths["teacher"]) if cfg.teacher == "tiny" else cfg.teacher
-    tokenizer_path = cfg.tokenizer or (str(paths["tokenizer"]) if cfg.student == "tiny" else cfg.student)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    teacher = load_teacher(teacher_path, device="cpu")
-    return evaluate(teacher, tokenizer, get_task(cfg.task), num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
-                    k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature, seed=cfg.seed)
-
-
-def run(cfg: TrainConfig) -> dict:
+    _quiet()
+    cfg = TrainConfig(**job["config"])
     shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo owns its run directories
-    return train(cfg)
+    summary = train(cfg)
+    log = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines() if line.strip()]
+    steps = [r for r in log if "time/step" in r]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    task = get_task(cfg.task)
+    examples = held_out_examples(task, cfg.eval_prompts, cfg.seed)
+    student = _load(str(Path(summary["checkpoint"]) / "model"))
+    final = policy_stats(student, _load(cfg.teacher), tokenizer, task, examples, max_new_tokens=cfg.max_new_tokens,
+                         seed=cfg.seed)
+    return {
+        "setting": job["setting"], "method": job["method"], "seed": cfg.seed,
+        "evals": [{k: h[k] for k in ("step", "eval/pass@1", "eval/pass@k", "eval/kl_reverse")}
+                  for h in summary["eval_history"]],
+        "step_seconds": [r["time/step"] for r in steps],
+        "step_tokens": [r["rollout/num_tokens"] for r in steps],
+        "train_s": summary["train_time_s"], "final": final,
+    }
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def setting_job(job: dict) -> dict:
+    """The teacher's and the starting student's measurements of one setting (same prompts as the runs)."""
+    from transformers import AutoTokenizer
+
+    from opd_mini.eval import held_out_examples
+    from opd_mini.tasks import get_task
+    from opd_mini.tiny import num_parameters
+
+    _quiet()
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
+    task = get_task(job["task"])
+    teacher, student = _load(job["teacher"]), _load(job["student"])
+    out = {"setting": job["setting"], "teacher_params": num_parameters(teacher),
+           "student_params": num_parameters(student)}
+    for seed in job["seeds"]:
+        examples = held_out_examples(task, job["eval_prompts"], seed)
+        out[f"teacher/{seed}"] = policy_stats(teacher, None, tokenizer, task, examples,
+                                              max_new_tokens=job["max_new_tokens"], samples=8, seed=seed)
+        out[f"student/{seed}"] = policy_stats(student, teacher, tokenizer, task, examples,
+                                              max_new_tokens=job["max_new_tokens"], seed=seed)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the non-None values (None when there are none)."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
+
+
+def flops_per_step(method: str, tokens: float, n_sequences: int, prompt_len: float, p_student: int,
+                   p_teacher: int) -> float:
+    """FLOPs of one step with ``tokens`` completion tokens (see the module docstring)."""
+    total = tokens + n_sequences * prompt_len
+    sampler = p_teacher if method == "sft" else p_student
+    teacher = 0 if method in ("sft", "grpo") else p_teacher
+    return 2 * sampler * tokens + 2 * teacher * total + 6 * p_student * total
+
+
+def to_target(run: dict, target: float, sequences_per_step: int, flops: list[float]) -> dict:
+    """Sequences, seconds and FLOPs at the first evaluation (after step 0) with pass@1 ≥ target; None if never."""
+    for e in run["evals"][1:]:
+        if e["eval/pass@1"] >= target:
+            s = e["step"]
+            return {"sequences": s * sequences_per_step, "seconds": sum(run["step_seconds"][:s]),
+                    "flops": sum(flops[:s])}
+    return {"sequences": None, "seconds": None, "flops": None}
+
+
+def aggregate(setting: dict, runs: list[dict], methods: list[str], seeds: list[int], prompt_len: float,
+              gap_fraction: float) -> dict:
+    """One setting's entry of demo.json."""
+    seqs = RUN["prompts_per_step"] * RUN["num_generations"]
+    teacher_p1 = mean_std([setting[f"teacher/{s}"]["pass@1"] for s in seeds])[0]
+    start_p1 = mean_std([r["evals"][0]["eval/pass@1"] for r in runs])[0]
+    target = start_p1 + gap_fraction * (teacher_p1 - start_p1)
+    entry = {"name": setting["setting"], "task": setting["task"], "about": setting["about"],
+             "teacher_params": setting["teacher_params"], "student_params": setting["student_params"],
+             "teacher_pass@1": teacher_p1,
+             "teacher_entropy": mean_std([setting[f"teacher/{s}"]["entropy"] for s in seeds])[0],
+             "student_start_pass@1": start_p1,
+             "student_start_entropy": mean_std([setting[f"student/{s}"]["entropy"] for s in seeds])[0],
+             "student_start_off_support": mean_std([setting[f"student/{s}"]["off_support"] for s in seeds])[0],
+             "student_start_off_support_success": mean_std(
+                 [setting[f"student/{s}"]["off_support_success"] for s in seeds])[0],
+             "target_pass@1": target, "methods": []}
+    for method in methods:
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+        reached = []
+        for r in mine:
+            flops = [flops_per_step(method, t, seqs, prompt_len, setting["student_params"], setting["teacher_params"])
+                     for t in r["step_tokens"]]
+            reached.append(to_target(r, target, seqs, flops))
+        entry["methods"].append({
+            "method": method, "loss": METHODS[method], "seeds": [r["seed"] for r in mine],
+            "samples_to_target": [x["sequences"] for x in reached],
+            "seconds_to_target": [x["seconds"] for x in reached],
+            "flops_to_target": [x["flops"] for x in reached],
+            "final_pass@1": [r["evals"][-1]["eval/pass@1"] for r in mine],
+            "final_pass@k": [r["evals"][-1]["eval/pass@k"] for r in mine],
+            "final_kl": [r["evals"][-1]["eval/kl_reverse"] for r in mine],
+            "entropy": [r["final"]["entropy"] for r in mine],
+            "off_support": [r["final"]["off_support"] for r in mine],
+            "off_support_success": [r["final"]["off_support_success"] for r in mine],
+            "train_s": [r["train_s"] for r in mine],
+            "curve": {"steps": [e["step"] for e in mine[0]["evals"]],
+                      "sequences": [e["step"] * seqs for e in mine[0]["evals"]],
+                      "pass@1": [[e["eval/pass@1"] for e in r["evals"]] for r in mine]},
+        })
+    return entry
+
+
+def claims(result: dict) -> dict:
+    """The issue's aims, evaluated on the results: ``holds`` True / False with the numbers behind them.
+
+    Speed: an OPD variant (not the reward mix) that reached the target on every seed, against SFT and
+    GRPO; a seed of theirs that never reached it counts as the whole budget (a lower bound, so the
+    ratio is then a lower bound too, marked ``censored``)."""
+    budget = result["steps"] * result["run"]["prompts_per_step"] * result["run"]["num_generations"]
+
+    def mean_samples(m: dict) -> tuple[float, bool]:
+        v = m["samples_to_target"]
+        return sum(budget if x is None else x for x in v) / len(v), any(x is None for x in v)
+
+    speed = []
+    for s in result["settings"]:
+        by = {m["method"]: m for m in s["methods"]}
+        if "sft" not in by or "grpo" not in by:
+            continue
+        (sft, sft_censored), (grpo, grpo_censored) = mean_samples(by["sft"]), mean_samples(by["grpo"])
+        for name, m in by.items():
+            if not name.startswith("opd") or name == "opd_grpo" or None in m["samples_to_target"]:
+                continue
+            opd = mean_samples(m)[0]
+            speed.append({"setting": s["name"], "method": name, "opd_samples": opd, "sft_samples": sft,
+                          "grpo_samples": grpo, "vs_sft": sft / opd, "vs_grpo": grpo / opd,
+                          "censored": sft_censored or grpo_censored,
+                          "holds": sft / opd >= 3 and grpo / opd >= 5})
+    above = []
+    for s in result["settings"]:
+        if s["name"] != "noisy_teacher":
+            continue
+        for m in s["methods"]:
+            if m["method"].startswith("opd"):
+                above.append({"method": m["method"], "teacher_pass@1": s["teacher_pass@1"],
+                              "final_pass@1": m["final_pass@1"],
+                              "holds": all(p > s["teacher_pass@1"] for p in m["final_pass@1"])})
+    return {"opd_3x_fewer_than_sft_and_5x_fewer_than_grpo": {"holds": any(x["holds"] for x in speed), "cases": speed},
+            "opd_above_noisy_teacher_every_seed": {"holds": any(x["holds"] for x in above), "cases": above}}
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(values: list, scale: float = 1.0, digits: int = 3) -> str:
+    n_none = sum(v is None for v in values)
+    m, sd = mean_std([None if v is None else v / scale for v in values])
+    if m is None:
+        return "never"
+    text = f"{m:.{digits}f} ± {sd:.{digits}f}"
+    return text + (f" ({len(values) - n_none}/{len(values)})" if n_none else "")
+
+
+def tables(result: dict) -> str:
+    """The Markdown tables: one per setting."""
+    out = []
+    for s in result["settings"]:
+        out += [f"### {s['name']} ({s['task']})", "", s["about"] + ".", "",
+                f"Teacher {s['teacher_params']:,} parameters, sampled pass@1 {s['teacher_pass@1']:.3f}, entropy "
+                f"{s['teacher_entropy']:.3f} nats/token; student {s['student_params']:,} parameters, starts at pass@1 "
+                f"{s['student_start_pass@1']:.3f} with {s['student_start_off_support']:.0%} of its samples outside the "
+                f"teacher's support; target pass@1 {s['target_pass@1']:.3f}.", "",
+                "| method | sequences to target | seconds to target | GFLOPs to target | final pass@1 | pass@k | "
+                "KL/token | entropy | outside support | success there |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in s["methods"]:
+            out.append(" | ".join([
+                f"| {m['method']}", _fmt(m["samples_to_target"], digits=0), _fmt(m["seconds_to_target"], digits=1),
+                _fmt(m["flops_to_target"], 1e9, 2), _fmt(m["final_pass@1"]), _fmt(m["final_pass@k"]),
+                _fmt(m["final_kl"]), _fmt(m["entropy"]), _fmt(m["off_support"], digits=2),
+                _fmt(m["off_support_success"], digits=2)]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
+    """The README's demo section, generated from demo.json (a test keeps the README equal to it)."""
+    run = result["run"]
+    lines = [f"What `python -m opd_mini.demo` measured ({len(result['seeds'])} seeds, {result['steps']} steps × "
+             f"{run['prompts_per_step'] * run['num_generations']} sequences per run, lr {run['lr']}, full fine-tuning; "
+             f"{result['wall_s']:.0f} s on 2 CPU cores; every number is in `{results_dir}/demo.json`). Mean ± standard "
+             f"deviation over seeds; the target is {result['gap_fraction']:.0%} of the way from the student's start to "
+             "the teacher's sampled pass@1; \"(n/3)\" when only n seeds reached it.", "",
+             f"![pass@1 against student sequences]({results_dir}/demo.png)", ""]
+    for s in result["settings"]:
+        lines += [f"**{s['name']}** ({s['task']}; teacher pass@1 {s['teacher_pass@1']:.3f}, entropy "
+                  f"{s['teacher_entropy']:.3f}; student starts at {s['student_start_pass@1']:.3f}, target "
+                  f"{s['target_pass@1']:.3f}): {s['about']}.", "",
+                  "| method | sequences to target | final pass@1 | pass@k | entropy | outside teacher's support | "
+                  "success there |", "|---|---|---|---|---|---|---|"]
+        for m in s["methods"]:
+            lines.append(" | ".join([f"| {m['method']}", _fmt(m["samples_to_target"], digits=0),
+                                     _fmt(m["final_pass@1"]), _fmt(m["final_pass@k"]), _fmt(m["entropy"]),
+                                     _fmt(m["off_support"], digits=2), _fmt(m["off_support_success"], digits=2)]) + " |")
+        lines.append("")
+    speed, above = result["claims"]["opd_3x_fewer_than_sft_and_5x_fewer_than_grpo"], \
+        result["claims"]["opd_above_noisy_teacher_every_seed"]
+    ratios = [f"{c['setting']}/{c['method']} {c['vs_sft']:.2f}× and {c['vs_grpo']:.2f}×" + (" (at least)" if c["censored"]
+              else "") for c in speed["cases"]]
+    lines.append(f"- **OPD needs ≥ 3× fewer student samples than SFT and ≥ 5× fewer than GRPO in some setting: "
+                 f"{'holds' if speed['holds'] else 'does not hold'}.** SFT's and GRPO's sequences to the target divided "
+                 f"by OPD's, for the OPD variants that reached it on every seed (a seed that never reached it counts "
+                 f"as the whole budget): {'; '.join(ratios) or 'no OPD variant reached it on every seed'}.")
+    best = max(above["cases"], key=lambda c: sum(c["final_pass@1"]) / len(c["final_pass@1"]), default=None)
+    if best is not None:
+        lines.append(f"- **An OPD student above the noisy teacher on every seed: "
+                     f"{'holds' if above['holds'] else 'does not hold'}.** Teacher {best['teacher_pass@1']:.3f}; best OPD "
+                     f"variant {best['method']}: {', '.join(f'{p:.3f}' for p in best['final_pass@1'])}.")
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: Path) -> None:
+    """pass@1 against student sequences, one panel per setting, mean ± one standard deviation over seeds."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = result["settings"]
+    cols = min(2, len(settings))
+    rows = -(-len(settings) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.set_visible(False)
+    for ax, s in zip(axes.flat, settings):
+        for m in s["methods"]:
+            x = m["curve"]["sequences"]
+            ys = torch.tensor(m["curve"]["pass@1"])
+            mu, sd = ys.mean(0), (ys.std(0) if len(ys) > 1 else torch.zeros(len(x)))
+            style = "-" if m["method"].startswith("opd") else "--"
+            line, = ax.plot(x, mu, style, label=m["method"], lw=1.5)
+            ax.fill_between(x, mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
+        ax.axhline(s["teacher_pass@1"], color="k", lw=1, label="teacher (sampled)")
+        ax.axhline(s["target_pass@1"], color="k", lw=0.8, ls=":", label="target")
+        ax.set_title(f"{s['name']} ({s['task']})")
+        ax.set_xlabel("student sequences")
+        ax.set_ylabel("pass@1 (held-out)")
+        ax.set_ylim(0, 1)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.7 / (3.6 * rows + 0.6), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+
+
+def _names(text: str, valid, what: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in valid]
+    if bad or not names:
+        raise ValueError(f"--{what} must name some of {', '.join(valid)}; got {text!r}")
+    return names
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from opd_mini.worlds import ensure_setting, get_setting
+
+    scale = dict(SCALES["quick" if args.quick else "full"])
+    settings = _names(args.settings, SETTING_NAMES, "settings") if args.settings else list(SETTING_NAMES)
+    methods = _names(args.methods, METHODS, "methods") if args.methods else list(scale["methods"])
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    if not seeds:
+        raise ValueError("--seeds is empty; give at least one, e.g. 0,1,2")
+    steps = scale["steps"] if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"steps={steps} is out of range: --steps must be >= 1")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    eval_every = min(scale["eval_every"], steps)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+
+    jobs, setting_jobs, meta = [], [], {}
+    for name in settings:
+        s = get_setting(name)
+        paths = ensure_setting(name, progress=False)
+        meta[name] = {"task": s.task, "about": s.about}
+        setting_jobs.append({"setting": name, "task": s.task, "teacher": paths["teacher"], "student": paths["student"],
+                             "tokenizer": paths["tokenizer"], "max_new_tokens": s.max_new_tokens,
+                             "eval_prompts": scale["eval_prompts"], "seeds": seeds})
+        for method in methods:
+            for seed in seeds:
+                config = {**TrainConfig().to_dict(), **RUN, "student": paths["student"], "teacher": paths["teacher"],
+                          "tokenizer": paths["tokenizer"], "task": s.task, "max_new_tokens": s.max_new_tokens,
+                          "steps": steps, "eval_every": eval_every, "eval_prompts": scale["eval_prompts"],
+                          "loss": METHODS[method], "seed": seed, "lr": args.lr or RUN["lr"],
+                          "out_dir": str(out / "runs" / f"{name}-{method}-seed{seed}")}
+                TrainConfig(**config).validate()
+                jobs.append({"setting": name, "method": method, "config": config})
+
+    print(f"demo: {len(settings)} setting(s) × {len(methods)} method(s) × {len(seeds)} seed(s) = {len(jobs)} runs of "
+          f"{steps} steps in {args.workers} process(es)", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        setting_results = {r["setting"]: r for r in pool.map(setting_job, setting_jobs)}
+        runs = []
+        for r in tqdm(pool.imap_unordered(run_job, jobs), total=len(jobs), desc="demo runs", disable=args.no_progress):
+            runs.append(r)
+
+    result = {"scale": "quick" if args.quick else "full", "steps": steps, "seeds": seeds, "methods": methods,
+              "run": {**RUN, "lr": args.lr or RUN["lr"]}, "gap_fraction": scale["gap_fraction"], "settings": []}
+    for name in settings:
+        prompt_len = 4.0 if meta[name]["task"].startswith("walk") else 6.0
+        result["settings"].append(aggregate({**setting_results[name], **meta[name]},
+                                            [r for r in runs if r["setting"] == name], methods, seeds, prompt_len,
+                                            scale["gap_fraction"]))
+    result["claims"] = claims(result)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+
+    text = (f"{len(seeds)} seeds {seeds}; {steps} steps × {RUN['prompts_per_step'] * RUN['num_generations']} "
+            f"sequences, lr {result['run']['lr']}; {scale['eval_prompts']} held-out prompts × {RUN['eval_samples']} "
+            f"samples; pass@k with k = {RUN['pass_k']}; mean ± std over seeds, (n/{len(seeds)}) when only n reached "
+            f"the target; wall time {result['wall_s']:.0f} s.\n\n" + tables(result))
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.md").write_text(text)
+    (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
+    figure(result, out / "demo.png")
+    print(f"written: {out / 'demo.json'}, {out / 'demo.md'}, {out / 'demo.png'}")
+    if all(all(x is None for m in s["methods"] for x in m["samples_to_target"]) for s in result["settings"]):
+        raise ValueError(f"no method reached its target (pass@1 {scale['gap_fraction']:.0%} of the way to the teacher's) in any "
+                         f"setting within {steps} steps: raise --steps (results are written to {out})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m opd_mini.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the equal-samples runs "
-                   "(default: the tiny-cpu preset's)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (rows are means over seeds)")
-    p.add_argument("--losses", default="reverse_kl_sampled,reverse_kl_topk,reverse_kl_full",
-                   help="comma-separated OPD loss variants; the first sets the wall-time budget of the SFT run")
-    p.add_argument("--task", default=None, help="task spec (default: the tiny-cpu preset's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: the preset's)")
-    p.add_argument("--teacher", default=None, help="teacher model directory (default: the tiny teacher of the task)")
-    p.add_argument("--student", default=None, help="warm-started student directory (default: the tiny student)")
-    p.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts per evaluation")
+    p.add_argument("--quick", action="store_true", help="the small budget (about 2 minutes on 2 cores)")
+    p.add_argument("--settings", default=None, help=f"comma-separated, from {', '.join(SETTING_NAMES)} (default: all)")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all; "
+                   f"--quick: {','.join(SCALES['quick']['methods'])})")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the scale's)")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate of every run (default {RUN['lr']})")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
     p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     return run_cli(lambda: run_demo(args))
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    """The demo's runs and table (see the module docstring), from parsed command-line arguments."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    out = Path(args.out)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
-    opd_losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    opd_variants = [n for n, s in LOSS_REGISTRY.items() if s.signal is not None and s.rollouts == "student"]
-    bad = [x for x in opd_losses if x not in opd_variants]
-    if bad or not opd_losses:
-        raise ValueError(f"--losses must name OPD variants (the student samples, the teacher scores) from "
-                         f"{', '.join(opd_variants)}; got {args.losses!r}")
-    overrides = dict(task=args.task, lr=args.lr, steps=args.steps, teacher=args.teacher, student=args.student)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    base = TrainConfig.from_preset("tiny-cpu", eval_every=0, eval_prompts=args.eval_prompts, progress=False,
-                                   **overrides)
-    samples_per_step = base.prompts_per_step * base.num_generations
-
-    t0 = time.perf_counter()
-    teacher = teacher_row(base)
-    per_seed = []
-    for seed in seeds:
-        cfg = base.replace(seed=seed)
-        runs = {}
-        for loss in opd_losses:
-            print(f"seed {seed}: OPD ({loss}), {base.steps} steps", file=sys.stderr)
-            runs[loss] = run(cfg.replace(loss=loss, out_dir=str(out / f"{loss}_seed{seed}")))
-        print(f"seed {seed}: continued SFT, {base.steps} steps", file=sys.stderr)
-        runs["sft"] = run(cfg.replace(loss="sft", out_dir=str(out / f"sft_samples_seed{seed}")))
-        budget = runs[opd_losses[0]]["train_time_s"]
-        print(f"seed {seed}: continued SFT for {opd_losses[0]}'s {budget:.1f} s", file=sys.stderr)
-        runs["sft_time"] = run(cfg.replace(loss="sft", steps=100 * base.steps, max_time_s=budget,
-                                           out_dir=str(out / f"sft_time_seed{seed}")))
-        per_seed.append({"before": runs[opd_losses[0]]["eval_history"][0], **runs})
-
-    def row(name: str, key: str | None) -> dict:
-        if key is None:
-            evals = [s["before"] for s in per_seed]
-            steps = time_s = 0.0
-        else:
-            evals = [s[key]["final_eval"] for s in per_seed]
-            steps = _mean([s[key]["steps_done"] for s in per_seed])
-            time_s = _mean([s[key]["train_time_s"] for s in per_seed])
-        return {"method": name, "steps": steps, "training_sequences": steps * samples_per_step, "train_s": time_s,
-                **{k: _mean([e[k] for e in evals]) for k in ("eval/pass@1", "eval/pass@k", "eval/kl_reverse")}}
-
-    rows = [
-        {"method": "teacher", "steps": None, "training_sequences": None, "train_s": None,
-         "eval/pass@1": teacher["eval/pass@1"], "eval/pass@k": teacher["eval/pass@k"], "eval/kl_reverse": 0.0},
-        row("student before (SFT warm start)", None),
-        row("continued SFT on teacher samples, equal samples", "sft"),
-        *[row(f"OPD ({loss}), equal samples", loss) for loss in opd_losses],
-        row(f"continued SFT on teacher samples, equal wall time (= {opd_losses[0]}'s)", "sft_time"),
-    ]
-    header = (f"Task {base.task}; {len(seeds)} seed(s) {seeds}; {base.eval_prompts} held-out prompts × "
-              f"{base.eval_samples} samples at temperature {base.eval_temperature}; pass@k with k={base.pass_k}; "
-              f"{samples_per_step} training sequences per step; lr {base.lr}; total wall time "
-              f"{time.perf_counter() - t0:.0f} s.")
-    table = [header, "", "| method | steps | training sequences | train s | pass@1 | pass@k | KL(student‖teacher)/token |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = ["–" if r[k] is None else f"{r[k]:.0f}" for k in ("steps", "training_sequences")]
-        cells.append("–" if r["train_s"] is None else f"{r['train_s']:.1f}")
-        cells += [f"{r['eval/pass@1']:.3f}", f"{r['eval/pass@k']:.3f}", f"{r['eval/kl_reverse']:.4f}"]
-        table.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    text = "\n".join(table)
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.md").write_text(text + "\n")
-    (out / "demo.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    print(f"\nwritten: {out / 'demo.md'}, {out / 'demo.json'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Specs understood by :func:`get_task`::
 
     reverse:N          reverse an N-digit string           "0412>"      -> "2140"
     add:N              add two N-digit numbers             "123+456="   -> "579"
+    walk:N             walk from one of N positions to another "2>5="   -> "RRR" (any walk that ends there)
     jsonl:PATH         one {"prompt": ..., "answer": ...} object per line
     hf:NAME[:SPLIT]    a Hugging Face dataset (needs `pip install datasets` and a network)
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: What :func:`get_task` accepts, for error messages and ``--help`` texts.
-TASK_SPECS = ("reverse:N", "add:N", "jsonl:PATH", "hf:NAME[:SPLIT]")
+TASK_SPECS = ("reverse:N", "add:N", "walk:N", "jsonl:PATH", "hf:NAME[:SPLIT]")
 
 #: End-of-sequence markers a completion is cut at before comparing (decoded text normally has none:
 #: the sampler decodes up to the first EOS and skips special tokens).
@@ -118,6 +119,40 @@ class AddTask(Task):
         low = 0 if self.num_digits == 1 else 10 ** (self.num_digits - 1)
         a, b = rng.randint(low, 10**self.num_digits - 1), rng.randint(low, 10**self.num_digits - 1)
         return Example(prompt=f"{a}+{b}=", answer=str(a + b))
+
+
+class WalkTask(Task):
+    """Walk on a line of ``num_positions`` positions (0 .. N−1, N ≤ 10) from a start to a goal: ``"2>5="``.
+
+    A completion is a string of moves, ``R`` (+1) and ``L`` (−1); it is correct when it ends on the goal,
+    however it gets there: ``"RRR"`` (the reference answer, the direct path) and ``"RRLRR"`` both solve
+    ``"2>5="``. So a wrong move early on can still be repaired by the moves after it: the task where a
+    student's own mistakes take it to states a teacher's direct paths never visit, and where knowing how
+    to come back from them pays (the demo's compounding-errors setting).
+    """
+
+    def __init__(self, num_positions: int):
+        if not 2 <= num_positions <= 10:
+            raise ValueError(f"walk:N needs 2 <= N <= 10 positions (single digits), got {num_positions}")
+        self.num_positions = num_positions
+        self.name = f"walk:{num_positions}"
+
+    def _example(self, rng: random.Random) -> Example:
+        start, goal = rng.sample(range(self.num_positions), 2)
+        return Example(prompt=f"{start}>{goal}=", answer=("R" if goal > start else "L") * abs(goal - start))
+
+    @staticmethod
+    def end_position(prompt: str, moves: str) -> int | None:
+        """Where ``moves`` (cut at EOS, stripped) lead from the prompt's start; None if a character is not a move."""
+        for stop in STOP_STRINGS:
+            moves = moves.split(stop, 1)[0]
+        moves = moves.strip()
+        if set(moves) - {"L", "R"}:
+            return None
+        return int(prompt[0]) + moves.count("R") - moves.count("L")
+
+    def reward(self, completion: str, example: Example) -> float:
+        return float(self.end_position(example.prompt, completion) == int(example.prompt[2]))
 
 
 class ListTask(Task):
@@ -252,12 +287,12 @@ def get_task(spec: str, *, prompt_column: str = "prompt", answer_column: str = "
     ``prompt_column`` / ``answer_column`` / ``hf_config_name`` apply to ``hf:`` datasets only.
     """
     kind, _, arg = str(spec).partition(":")
-    if kind in ("reverse", "add"):
+    if kind in ("reverse", "add", "walk"):
         try:
             n = int(arg)
         except ValueError:
             raise ValueError(f"task {spec!r}: expected {kind}:N with an integer N, e.g. {kind}:3") from None
-        return ReverseTask(n) if kind == "reverse" else AddTask(n)
+        return {"reverse": ReverseTask, "add": AddTask, "walk": WalkTask}[kind](n)
     if kind == "jsonl" and arg:
         return load_jsonl(arg, eval_fraction)
     if kind == "hf" and arg:

@@ -85,7 +85,8 @@ def test_readme_loop_commands_run(tmp_path):
         argv = shlex.split(line)
         assert argv[0] == ".venv/bin/python"
         if argv[1:3] == ["-m", "opd_mini.demo"]:  # the demo's defaults take a few minutes: run it small
-            argv += ["--steps", "3", "--seeds", "0", "--eval_prompts", "16", "--out", str(tmp_path / "demo")]
+            argv += ["--quick", "--settings", "compounding", "--methods", "sft,opd_full", "--seeds", "0",
+                     "--workers", "1", "--out", str(tmp_path / "demo")]
         elif argv[1:3] == ["-m", "opd_mini.train"]:  # into a fresh directory, so that the test can be rerun
             argv += ["--out_dir", str(tmp_path / "train")]
         elif argv[1:3] == ["-m", "opd_mini.ablate"]:

@@ -1,0 +1,330 @@
+"""The demo's worlds: tiny teachers and students built to target accuracies, one pair per setting.
+
+Each :class:`Setting` names a task, a teacher recipe and a student recipe. A recipe is an architecture
+(:data:`opd_mini.tiny.TINY_SIZES` plus overrides), a kind of training data, and a **target**: the model
+is trained by supervised fine-tuning, checked every ``check_every`` steps on held-out prompts, and
+stopped at the first check that meets the target (or reported as not reached). So a teacher is "a
+teacher with sampled pass@1 around 0.7", not "300 steps of something".
+
+The kinds of training data:
+
+* ``clean``: the task's reference answers;
+* ``repair``: with probability ``p`` a few random moves are put in front of the answer and the loss
+  is taken only on what follows them: the direct path from wherever those moves led (walk tasks).
+  The model learns to come back from states that its own clean answers never visit, while its
+  samples still take the direct path (a teacher trained like this knows how to repair a mistake);
+* ``noisy``: every answer character is replaced, with probability ``p``, by a random other character
+  of the answer alphabet: a teacher whose greedy answer is right but whose samples are often wrong,
+  with the errors spread over many wrong continuations.
+
+Command line (builds, or finds cached, every setting's pair and prints what it measured)::
+
+    python -m opd_mini.worlds [--settings compounding,noisy_teacher] [--seed 0] [--force] [--write-assets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from opd_mini.config import run_cli
+from opd_mini.losses import sft_cross_entropy, token_logprobs
+from opd_mini.sampler import build_rollouts, sample
+from opd_mini.student import completion_logits
+from opd_mini.tasks import Task, WalkTask, get_task
+from opd_mini.tiny import build_char_tokenizer, build_tiny_model, ensure_tiny_models, num_parameters, num_threads
+
+#: Bump when a recipe below changes, so caches and shipped assets are not reused by mistake.
+WORLDS_VERSION = 1
+#: Shipped pairs (regenerate with ``python -m opd_mini.worlds --write-assets``).
+ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "worlds"
+
+
+@dataclass
+class Recipe:
+    """How one model of a setting is built: architecture, data, optimiser, and when to stop."""
+
+    size: str = "teacher"                      # a key of TINY_SIZES
+    config: dict = field(default_factory=dict)  # overrides of that architecture
+    data: str = "clean"                        # clean | repair | noisy
+    p: float = 0.0                             # probability of the repair prefix / of a noisy character
+    lr: float = 3e-3
+    batch_size: int = 64
+    max_steps: int = 2000
+    check_every: int = 20
+    # stop at the first check where every given bound holds (None: no bound)
+    min_greedy: float | None = None
+    min_sampled: float | None = None
+    max_sampled: float | None = None
+
+
+@dataclass
+class Setting:
+    """One demo setting: a task, a teacher and a warm-started student, and what it is meant to show."""
+
+    name: str
+    task: str
+    teacher: Recipe
+    student: Recipe
+    max_new_tokens: int
+    about: str
+    teacher_of: str | None = None  # share another setting's teacher (built there, not stored twice)
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    Setting(
+        name="compounding", task="walk:10", max_new_tokens=12,
+        teacher=Recipe(data="repair", p=0.5, lr=3e-3, min_greedy=0.99, min_sampled=0.97),
+        student=Recipe(size="student", data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
+        about="walk to a goal; a wrong move can be repaired by later ones. The teacher knows how to come "
+              "back (trained on repaired walks), its own samples take the direct path; the student has seen "
+              "only direct paths",
+    ),
+    Setting(
+        name="noisy_teacher", task="walk:10", max_new_tokens=12,
+        teacher=Recipe(data="noisy", p=0.08, lr=3e-3, min_greedy=0.97, min_sampled=0.6, max_sampled=0.75),
+        student=Recipe(size="student", data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
+        about="an imperfect, stochastic teacher: its greedy walk is right, but each sampled move is wrong "
+              "with probability about 0.08, so its sampled pass@1 is about 0.7 and its errors are spread "
+              "over every move of the walk",
+    ),
+    Setting(
+        name="capacity", task="walk:10", max_new_tokens=12,
+        teacher=Recipe(), teacher_of="compounding",
+        student=Recipe(size="student", config=dict(num_hidden_layers=1, hidden_size=16, intermediate_size=64),
+                       data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
+        about="a capacity-limited student: one layer of width 16 (about a tenth of the teacher's parameters) "
+              "distilled from the compounding setting's teacher",
+    ),
+]}
+
+
+# --------------------------------------------------------------------------------------------
+# training data
+# --------------------------------------------------------------------------------------------
+
+
+def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[str], list[str], list[int]]:
+    """``n`` (prompt, completion, number of leading completion characters without loss) triples."""
+    rng = random.Random(f"{task.name}/{recipe.data}/{seed}")
+    examples = task.examples(n, seed=seed, split="train")
+    prompts = [e.prompt for e in examples]
+    if recipe.data == "clean":
+        return prompts, [e.answer for e in examples], [0] * n
+    if recipe.data == "noisy":
+        alphabet = sorted({ch for e in task.examples(256, seed=0) for ch in e.answer})
+        noisy = ["".join(rng.choice([a for a in alphabet if a != ch]) if rng.random() < recipe.p else ch
+                         for ch in e.answer) for e in examples]
+        return prompts, noisy, [0] * n
+    if recipe.data == "repair":
+        if not isinstance(task, WalkTask):
+            raise ValueError(f"data 'repair' needs a walk task, got {task.name}")
+        completions, skip = [], []
+        for e in examples:
+            prefix = "".join(rng.choice("LR") for _ in range(rng.randint(1, 3))) if rng.random() < recipe.p else ""
+            goal, pos = int(e.prompt[2]), task.end_position(e.prompt, prefix)
+            completions.append(prefix + ("R" if goal > pos else "L") * abs(goal - pos))
+            skip.append(len(prefix))
+        return prompts, completions, skip
+    raise ValueError(f"unknown data kind {recipe.data!r}; choose clean, repair or noisy")
+
+
+# --------------------------------------------------------------------------------------------
+# measuring and training to a target
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def accuracies(model, tokenizer, task: Task, *, max_new_tokens: int, n: int = 256, samples: int = 4,
+               seed: int = 10_000) -> dict[str, float]:
+    """Greedy accuracy and sampled pass@1 (temperature 1, ``samples`` per prompt) on ``n`` held-out prompts."""
+    examples = task.examples(n, seed=seed, split="eval")
+    prompts = [e.prompt for e in examples]
+    greedy = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    sampled = sample(model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
+                     temperature=1.0, seed=seed)
+    paired = [examples[i] for i in sampled.prompt_index.tolist()]
+    return {"greedy": sum(task.rewards(greedy.completions, examples)) / n,
+            "sampled": sum(task.rewards(sampled.completions, paired)) / len(paired)}
+
+
+def _met(recipe: Recipe, acc: dict[str, float]) -> bool:
+    return ((recipe.min_greedy is None or acc["greedy"] >= recipe.min_greedy)
+            and (recipe.min_sampled is None or acc["sampled"] >= recipe.min_sampled)
+            and (recipe.max_sampled is None or acc["sampled"] <= recipe.max_sampled))
+
+
+def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tokens: int, seed: int = 0,
+                    progress: bool = True, desc: str = "sft") -> dict:
+    """Supervised fine-tuning with ``recipe``'s data until its target holds at a check (AdamW, constant lr
+    after a 20-step warm-up, gradients clipped to norm 1). Returns steps, seconds, the accuracies at
+    every check and whether the target was reached; the model is left at the stopping point."""
+    checks, start = [], time.perf_counter()
+    with torch.random.fork_rng(devices=[]), num_threads(1):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        bar = tqdm(range(1, recipe.max_steps + 1), desc=desc, disable=not progress, leave=False)
+        reached, step = False, 0
+        for step in bar:
+            model.train()
+            prompts, completions, skip = training_batch(task, recipe, recipe.batch_size, seed * 1_000_003 + step)
+            rollouts = build_rollouts(tokenizer, prompts, completions)
+            mask_BT = rollouts.completion_mask.clone()
+            for i, k in enumerate(skip):
+                mask_BT[i, :k] = False  # no loss on the repair prefix
+            logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.completion_ids)
+            loss, _ = sft_cross_entropy(logp_BT, mask_BT)
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr * min(1.0, step / 20)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step % recipe.check_every == 0:
+                model.eval()
+                acc = accuracies(model, tokenizer, task, max_new_tokens=max_new_tokens)
+                checks.append({"step": step, **acc})
+                bar.set_postfix(loss=f"{loss.item():.3f}", greedy=f"{acc['greedy']:.2f}", sampled=f"{acc['sampled']:.2f}")
+                if _met(recipe, acc):
+                    reached = True
+                    break
+        model.eval()
+    return {"steps": step, "seconds": round(time.perf_counter() - start, 2), "reached": reached,
+            "final": checks[-1] if checks else None, "checks": checks}
+
+
+# --------------------------------------------------------------------------------------------
+# building and caching a setting's pair
+# --------------------------------------------------------------------------------------------
+
+
+def build_setting(name: str, out_dir: str | os.PathLike, *, seed: int = 0, progress: bool = True) -> dict:
+    """Train the teacher of setting ``name`` to its target, then the student to its warm-start target;
+    save both with the tokenizer under ``out_dir/{teacher,student,tokenizer}`` and ``out_dir/info.json``.
+    A target not reached within ``max_steps`` is an error naming the last accuracies."""
+    setting = get_setting(name)
+    task = get_task(setting.task)
+    tokenizer = build_char_tokenizer()
+    out_dir = Path(out_dir)
+    info: dict = {"setting": name, "task": setting.task, "seed": seed, "version": WORLDS_VERSION,
+                  "torch": torch.__version__, "about": setting.about}
+    for role, role_seed in (("teacher", seed), ("student", seed + 1)):
+        if role == "teacher" and setting.teacher_of:
+            shared = ensure_setting(setting.teacher_of, seed=seed, progress=progress,
+                                    cache_dir=None if out_dir.parent == ASSETS_DIR else out_dir.parent)
+            info["teacher"] = {**shared["info"]["teacher"], "teacher_of": setting.teacher_of}
+            continue
+        recipe: Recipe = getattr(setting, role)
+        model = build_tiny_model(recipe.size, tokenizer, seed=role_seed, **recipe.config)
+        log = train_to_target(model, tokenizer, task, recipe, max_new_tokens=setting.max_new_tokens, seed=role_seed,
+                              progress=progress, desc=f"{name} {role}")
+        if not log["reached"]:
+            raise RuntimeError(f"setting {name}: the {role} did not reach its target within {recipe.max_steps} steps "
+                               f"(last check: {log['final']}); change its recipe in opd_mini/worlds.py")
+        model.save_pretrained(out_dir / role)
+        tokenizer.save_pretrained(out_dir / role)
+        info[role] = {"recipe": asdict(recipe), "parameters": num_parameters(model), **log}
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def get_setting(name: str) -> Setting:
+    if name == "counter_example":
+        return Setting(name=name, task="reverse:5", teacher=Recipe(), student=Recipe(size="student"), max_new_tokens=8,
+                       about="reversal with a near-perfect teacher (the tiny world's shipped pair): the documented "
+                             "counter-example, where continued SFT on teacher samples wins")
+    if name not in SETTINGS:
+        raise ValueError(f"unknown setting {name!r}; choose from {', '.join(['counter_example', *SETTINGS])}")
+    return SETTINGS[name]
+
+
+def _paths(root: Path) -> dict:
+    info = json.loads((root / "info.json").read_text())
+    shared = info["teacher"].get("teacher_of")
+    teacher = root.parent / f"{shared}-seed{info['seed']}-v{WORLDS_VERSION}" / "teacher" if shared else root / "teacher"
+    return {"teacher": str(teacher), "student": str(root / "student"), "tokenizer": str(root / "tokenizer"),
+            "dir": str(root), "info": info}
+
+
+def ensure_setting(name: str, *, seed: int = 0, cache_dir: str | os.PathLike | None = None, force: bool = False,
+                   progress: bool = True) -> dict:
+    """Paths of setting ``name``'s teacher, student and tokenizer (``save_pretrained`` directories) and its
+    ``info``: the shipped pair when it matches, else the cached one, else built now (and cached)."""
+    if name == "counter_example":
+        paths = ensure_tiny_models(cache_dir, task="reverse:5", seed=seed, force=force, progress=progress)
+        return {**paths, "info": {"setting": name, "task": "reverse:5", **paths["info"]}}
+    get_setting(name)
+    key = f"{name}-seed{seed}-v{WORLDS_VERSION}"
+    if not force and cache_dir is None and (ASSETS_DIR / key / "info.json").exists():
+        return _paths(ASSETS_DIR / key)
+    root = Path(cache_dir) if cache_dir is not None else Path(
+        os.environ.get("OPD_MINI_CACHE", Path.home() / ".cache" / "opd_mini")) / "worlds"
+    target = root / key
+    if not force and (target / "info.json").exists():
+        return _paths(target)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        print(f"building the {name} setting's teacher and student (seed {seed}) in {target}", file=sys.stderr)
+        build_setting(name, tmp, seed=seed, progress=progress)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _paths(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m opd_mini.worlds", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings to build")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="cache directory (default: ~/.cache/opd_mini/worlds)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a pair exists")
+    parser.add_argument("--write-assets", action="store_true", help=f"(re)build the pairs shipped in {ASSETS_DIR}")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        names = [s.strip() for s in args.settings.split(",") if s.strip()]
+        for name in names:
+            get_setting(name)
+        for name in names:
+            if args.write_assets:
+                target = ASSETS_DIR / f"{name}-seed{args.seed}-v{WORLDS_VERSION}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+                tmp.chmod(0o755)
+                build_setting(name, tmp, seed=args.seed, progress=not args.no_progress)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+                paths = _paths(target)
+            else:
+                paths = ensure_setting(name, seed=args.seed, cache_dir=args.out, force=args.force,
+                                       progress=not args.no_progress)
+            info = paths["info"]
+            print(f"{name} ({info['task']}): {info.get('about', '')}")
+            for role in ("teacher", "student"):
+                r = info[role]
+                final = r.get("final") or {"greedy": r.get("greedy_accuracy", float("nan")), "sampled": float("nan")}
+                print(f"  {role:8s} {r['parameters']:8,d} params, {r.get('steps', '?')} steps, greedy "
+                      f"{final['greedy']:.3f}, sampled pass@1 {final['sampled']:.3f}  {paths[role]}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
