@@ -122,6 +122,9 @@ class TrainConfig:
     # --- sampling ---------------------------------------------------------------------------
     max_new_tokens: int = opt(16, "maximum completion length in tokens", ge=1)
     temperature: float = opt(1.0, "sampling temperature of the rollouts (1 = on-policy)", gt=0)
+    teacher_sample_pool: int = opt(0, "losses trained on teacher samples (sft): a fixed set of them, this many "
+                                   "training prompts sampled once at the start, each step drawing its prompts from "
+                                   "the set (a distillation dataset); 0 = fresh teacher samples every step", ge=0)
     top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)", gt=0, le=1)
     top_k_sampling: int = opt(0, "sample from the k most likely tokens only (0 = off)", ge=0)
 
@@ -131,6 +134,8 @@ class TrainConfig:
     eval_samples: int = opt(4, "samples per held-out prompt (n of the unbiased pass@k estimator)", ge=1)
     pass_k: int = opt(4, "k of pass@k (k <= eval_samples)", ge=1)
     eval_temperature: float = opt(1.0, "sampling temperature at evaluation", gt=0)
+    eval_kl_forward: bool = opt(False, "also evaluate the forward KL(teacher ‖ student) per token on the teacher's own "
+                                "samples of the held-out prompts (eval/kl_forward; one more sampling pass)")
     save_every: int = opt(0, "write a checkpoint every N steps, and at the end (0 = only at the end)", ge=0)
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep on disk", ge=1)
     out_dir: str = opt("runs/opd", "directory of the metrics log, checkpoints and final model")
@@ -176,6 +181,9 @@ class TrainConfig:
                              f"{self.prompts_per_step} (each micro-batch holds prompts_per_step / grad_accum prompts)")
         spec = registry.get_loss(self.loss)
         registry.parse_loss_args(self.loss_args)
+        if self.teacher_sample_pool and self.teacher_sample_pool < self.prompts_per_step:
+            raise ValueError(f"teacher_sample_pool={self.teacher_sample_pool} is out of range: a fixed set must hold at "
+                             f"least prompts_per_step={self.prompts_per_step} prompts (or 0 for fresh samples)")
         if spec.reward and self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations} is out of range for loss={self.loss}: "
                              "it must be >= 2 (the group baseline needs several samples per prompt)")

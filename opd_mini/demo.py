@@ -118,7 +118,8 @@ def policy_stats(model, teacher, tokenizer, task, prompts_examples: list, *, max
 # --------------------------------------------------------------------------------------------
 
 
-def _quiet() -> None:
+def quiet_worker() -> None:
+    """A worker process: no Hugging Face progress bars or warnings, one torch thread."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -142,7 +143,7 @@ def run_job(job: dict) -> dict:
     from opd_mini.tasks import get_task
     from opd_mini.train import train
 
-    _quiet()
+    quiet_worker()
     cfg = TrainConfig(**job["config"])
     shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo owns its run directories
     summary = train(cfg)
@@ -172,7 +173,7 @@ def setting_job(job: dict) -> dict:
     from opd_mini.tasks import get_task
     from opd_mini.tiny import num_parameters
 
-    _quiet()
+    quiet_worker()
     tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
     task = get_task(job["task"])
     teacher, student = _load(job["teacher"]), _load(job["student"])
@@ -414,6 +415,17 @@ def figure(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def run_pool(fn, jobs: list[dict], workers: int, desc: str = "", progress: bool = False) -> list:
+    """``[fn(job) for job in jobs]`` in ``workers`` spawned processes (results in completion order, with a
+    progress bar when ``progress``); one process runs them here, in order."""
+    from tqdm.auto import tqdm
+
+    if workers <= 1:
+        return [fn(job) for job in tqdm(jobs, desc=desc, disable=not progress)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap_unordered(fn, jobs), total=len(jobs), desc=desc, disable=not progress))
+
+
 def _names(text: str, valid, what: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in names if x not in valid]
@@ -463,14 +475,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print(f"demo: {len(settings)} setting(s) × {len(methods)} method(s) × {len(seeds)} seed(s) = {len(jobs)} runs of "
           f"{steps} steps in {args.workers} process(es)", file=sys.stderr)
-    from tqdm.auto import tqdm
-
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(args.workers) as pool:
-        setting_results = {r["setting"]: r for r in pool.map(setting_job, setting_jobs)}
-        runs = []
-        for r in tqdm(pool.imap_unordered(run_job, jobs), total=len(jobs), desc="demo runs", disable=args.no_progress):
-            runs.append(r)
+    setting_results = {r["setting"]: r for r in run_pool(setting_job, setting_jobs, args.workers)}
+    runs = run_pool(run_job, jobs, args.workers, desc="demo runs", progress=not args.no_progress)
 
     result = {"scale": "quick" if args.quick else "full", "steps": steps, "seeds": seeds, "methods": methods,
               "run": {**RUN, "lr": args.lr or RUN["lr"]}, "gap_fraction": scale["gap_fraction"], "settings": []}

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from opd_mini import sampler
+from opd_mini import forward, sampler
 from opd_mini.tasks import Task
 
 #: What each key returned by :func:`evaluate` means (merged into the training loop's glossary).
@@ -36,6 +36,9 @@ EVAL_METRIC_DOCS: dict[str, str] = {
     "mean_t log π_θ(y_t) − log q(y_t) on the student's own samples",
     "eval/completion_len": "held-out prompts: mean completion length in tokens (EOS included)",
     "eval/eos_frac": "held-out prompts: fraction of samples that ended with EOS before max_new_tokens",
+    "eval/kl_forward": "held-out prompts: per-token forward KL(teacher ‖ student) on the teacher's own samples, "
+    "mean_t log q(y_t) − log π_θ(y_t), y ~ q (with --eval_kl_forward; KL(π₀ ‖ π_θ) when the teacher is the "
+    "student's own base)",
     "eval/retention_pass@1": "retention task (never trained): pass@1 of the student, to measure forgetting",
 }
 
@@ -80,6 +83,7 @@ def evaluate(
     seed: int = 0,
     use_chat_template: bool | str = "auto",
     score_teacher: Callable | None = None,
+    sample_teacher: Callable | None = None,
     retention_task: Task | None = None,
     prefix: str = "eval/",
     split: str = "eval",
@@ -87,7 +91,9 @@ def evaluate(
     """Sample ``num_samples`` completions for each of ``num_prompts`` held-out prompts and score them.
 
     ``score_teacher(rollouts) -> TeacherSignal`` (sampled log-probs only) adds ``eval/kl_reverse``;
-    ``retention_task`` adds ``eval/retention_pass@1``. Sampling is seeded, so two evaluations of the
+    ``sample_teacher(prompts, num_generations, seed) -> Rollouts`` (the teacher's own samples, their
+    ``behaviour_logp`` its log-probs) adds ``eval/kl_forward``; ``retention_task`` adds
+    ``eval/retention_pass@1``. Sampling is seeded, so two evaluations of the
     same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
     part by default; at most its size). Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
     """
@@ -110,6 +116,12 @@ def evaluate(
         signal = score_teacher(rollouts)
         log_ratio_BT = rollouts.behaviour_logp - signal.sampled_logp.float().cpu()
         out[f"{prefix}kl_reverse"] = (log_ratio_BT[mask_BT].sum() / mask_BT.sum().clamp(min=1)).item()
+    if sample_teacher is not None:
+        teacher_r = sample_teacher([e.prompt for e in examples], num_samples, held_out_seed(seed) + 1)
+        student_logp_BT = forward.sampled_token_logprobs(model, teacher_r).float().cpu()
+        mask_BT = teacher_r.completion_mask
+        log_ratio_BT = teacher_r.behaviour_logp.float().cpu() - student_logp_BT
+        out[f"{prefix}kl_forward"] = (log_ratio_BT[mask_BT].sum() / mask_BT.sum().clamp(min=1)).item()
     if retention_task is not None:
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,

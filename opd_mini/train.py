@@ -104,6 +104,13 @@ def make_rollouts(cfg: TrainConfig, m: Models, spec: registry.LossSpec, prompts:
         return sample(m.scorer, m.tokenizer, prompts, **kwargs)
 
 
+def teacher_samples(cfg: TrainConfig, m: Models, prompts: list[str], num_generations: int, seed: int) -> Rollouts:
+    """The teacher's own samples at temperature 1 (``behaviour_logp`` = its log-probs), e.g. for the forward KL."""
+    with adapter_disabled(m.student, enabled=m.teacher_is_student_base):
+        return sample(m.scorer, m.tokenizer, prompts, num_generations=num_generations, max_new_tokens=cfg.max_new_tokens,
+                      temperature=1.0, use_chat_template=_chat(cfg), seed=seed)
+
+
 def teacher_signal(cfg: TrainConfig, m: Models, rollouts: Rollouts, kind: str) -> TeacherSignal:
     """Score the rollouts with the teacher, keeping only what the loss needs (kind: sampled | topk | full).
 
@@ -191,10 +198,12 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     def run_eval() -> dict[str, float]:
         scorer = (lambda r: teacher_signal(cfg, m, r, "sampled")) if m.scorer is not None else None  # noqa: E731
         t0 = time.perf_counter()
+        sampler = ((lambda prompts, n, seed: teacher_samples(cfg, m, prompts, n, seed))  # noqa: E731
+                   if cfg.eval_kl_forward and m.scorer is not None else None)
         out = evaluate(m.student, m.tokenizer, eval_task, num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
                        k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-                       seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, retention_task=retention_task,
-                       split=eval_split)
+                       seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, sample_teacher=sampler,
+                       retention_task=retention_task, split=eval_split)
         return {**out, "time/eval": time.perf_counter() - t0}
 
     if not dist.is_main:  # [dp] only the main process evaluates and logs
@@ -206,6 +215,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         history = [r for r in read_log(metrics_path) if "eval/pass@1" in r]
 
     micro_prompts = cfg.prompts_per_step // (cfg.grad_accum * dist.world)  # [dp] world · grad_accum micro-batches
+    pool = _teacher_pool(cfg, m, spec, task, train_split) if cfg.teacher_sample_pool and spec.rollouts == "teacher" else None
     grad_norms = [r["optim/grad_norm"] for r in read_log(metrics_path) if "optim/grad_norm" in r]  # on resume
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"opd {cfg.loss}",
                disable=not cfg.progress or not dist.is_main, dynamic_ncols=True)
@@ -219,8 +229,12 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         micro: list[MicroBatch] = []
         for i in dist.micro_batches(cfg.grad_accum):  # [dp] global indices; range(grad_accum) on one process
-            ex = examples[i * micro_prompts:(i + 1) * micro_prompts]
-            r = make_rollouts(cfg, m, spec, [e.prompt for e in ex], seed=_sample_seed(cfg.seed, step_index, i)).to(device)
+            if pool is not None:  # a fixed set of teacher samples: this micro-batch's prompts drawn from it
+                r, ex = _from_pool(cfg, pool, step_index, i, micro_prompts)
+            else:
+                ex = examples[i * micro_prompts:(i + 1) * micro_prompts]
+                r = make_rollouts(cfg, m, spec, [e.prompt for e in ex], seed=_sample_seed(cfg.seed, step_index, i))
+            r = r.to(device)
             mask_BT = r.completion_mask
             if cfg.mask_special_tokens:
                 mask_BT = losses.mask_special_tokens(mask_BT, r.completion_ids, m.tokenizer.all_special_ids)
@@ -318,6 +332,24 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
 def _train_examples(cfg: TrainConfig, task, step_index: int, split: str) -> list:
     """The prompts of one optimizer step: a function of (seed, step), so resumed runs match."""
     return task.examples(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step_index, split=split)
+
+
+def _teacher_pool(cfg: TrainConfig, m: Models, spec: registry.LossSpec, task, split: str) -> tuple[list, Rollouts]:
+    """The fixed set of teacher samples (``teacher_sample_pool`` prompts × ``num_generations``), drawn once at
+    the start; seeded, so a resumed run draws the same set."""
+    examples = task.examples(cfg.teacher_sample_pool, seed=cfg.seed * 1_000_003 - 1, split=split)
+    return examples, make_rollouts(cfg, m, spec, [e.prompt for e in examples], seed=_sample_seed(cfg.seed, -1, 0))
+
+
+def _from_pool(cfg: TrainConfig, pool: tuple[list, Rollouts], step_index: int, micro: int, n: int) -> tuple[Rollouts, list]:
+    """``n`` prompts of the fixed set and all their samples, for one micro-batch: a function of (seed, step,
+    micro-batch), so resumed runs match."""
+    examples, rollouts = pool
+    picked = random.Random(f"pool/{cfg.seed}/{step_index}/{micro}").sample(range(len(examples)), n)
+    G = cfg.num_generations
+    r = rollouts.select([j * G + g for j in picked for g in range(G)])
+    r.prompt_index = torch.arange(n).repeat_interleave(G)
+    return r, [examples[j] for j in picked]
 
 
 def _sample_seed(seed: int, step_index: int, micro: int) -> int:
