@@ -21,6 +21,7 @@ own footprint (student + teacher weights + AdamW state) is printed for scale.
 
     python benchmarks/bench_step.py                   # CPU, prints a markdown table
     python benchmarks/bench_step.py --device cuda --steps 5
+    python benchmarks/bench_step.py --sampler decode  # the fast sampler (sampler.sample(method="decode"))
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def worker(args) -> dict:
         mem.start("sample")
         t0 = time.perf_counter()
         rollouts = sampler.sample(student, tokenizer, prompts, max_new_tokens=args.new_tokens, seed=step,
-                                  use_chat_template=False).to(args.device)
+                                  use_chat_template=False, method=args.sampler).to(args.device)
         t1 = time.perf_counter()
         mem.stop()
         mask_BT = rollouts.completion_mask
@@ -205,6 +206,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sampler", default="generate", choices=("generate", "decode"),
+                   help="sampler.sample's method: generate (HF generate + a forward for the behaviour log-probs) "
+                        "or decode (the KV-cache loop, log-probs recorded while decoding)")
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--path", help=argparse.SUPPRESS)  # set in the worker subprocess
     args = p.parse_args()
@@ -248,7 +252,7 @@ def main() -> None:
         print(f"done: {path}", file=sys.stderr)
 
     r0 = rows[0]
-    print(f"loss {args.loss}, V={args.vocab}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new "
+    print(f"loss {args.loss}, sampler {args.sampler}, V={args.vocab}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new "
           f"tokens, top-K {args.top_k}, chunk {args.chunk}, device {args.device}, {args.steps} timed steps; "
           f"student+teacher weights {r0['model_params_MB']:.0f} MB, AdamW state {r0['adam_state_MB']:.0f} MB, "
           f"RSS after loading {r0['baseline_rss_MB']:.0f} MB")

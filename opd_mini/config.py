@@ -125,6 +125,11 @@ class TrainConfig:
     teacher_sample_pool: int = opt(0, "losses trained on teacher samples (sft): a fixed set of them, this many "
                                    "training prompts sampled once at the start, each step drawing its prompts from "
                                    "the set (a distillation dataset); 0 = fresh teacher samples every step", ge=0)
+    sampler: str = opt("generate", "rollout sampler: generate (Hugging Face generate, then one forward for the "
+                       "behaviour log-probs; the reference) or decode (the package's KV-cache loop with inverse-CDF "
+                       "draws and log-probs recorded while decoding: faster at a large vocabulary, other samples for "
+                       "the same seed; with --teacher self the log-probs still come from a forward, so r_t stays "
+                       "exactly 0)", choices=("generate", "decode"))
     top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)", gt=0, le=1)
     top_k_sampling: int = opt(0, "sample from the k most likely tokens only (0 = off)", ge=0)
 

@@ -87,6 +87,7 @@ def evaluate(
     retention_task: Task | None = None,
     prefix: str = "eval/",
     split: str = "eval",
+    sampler_options: dict | None = None,
 ) -> dict[str, float]:
     """Sample ``num_samples`` completions for each of ``num_prompts`` held-out prompts and score them.
 
@@ -95,13 +96,14 @@ def evaluate(
     ``behaviour_logp`` its log-probs) adds ``eval/kl_forward``; ``retention_task`` adds
     ``eval/retention_pass@1``. Sampling is seeded, so two evaluations of the
     same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
-    part by default; at most its size). Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
+    part by default; at most its size). ``sampler_options`` (``method``, ``behaviour_logp``) go to
+    :func:`opd_mini.sampler.sample`. Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
     """
     examples = held_out_examples(task, num_prompts, seed, split)
     num_prompts = len(examples)
     rollouts = sampler.sample(model, tokenizer, [e.prompt for e in examples], num_generations=num_samples,
                               max_new_tokens=max_new_tokens, temperature=temperature,
-                              use_chat_template=use_chat_template, seed=held_out_seed(seed))
+                              use_chat_template=use_chat_template, seed=held_out_seed(seed), **(sampler_options or {}))
     rewards_B = torch.tensor(task.rewards(rollouts.completions, [examples[i] for i in rollouts.prompt_index.tolist()]))
     correct_per_prompt = rewards_B.view(num_prompts, num_samples).sum(1)
     mask_BT = rollouts.completion_mask
@@ -125,7 +127,8 @@ def evaluate(
     if retention_task is not None:
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            use_chat_template=use_chat_template, prefix="retention/", split="all")
+                            use_chat_template=use_chat_template, prefix="retention/", split="all",
+                            sampler_options=sampler_options)
         out[f"{prefix}retention_pass@1"] = retained["retention/pass@1"]
     return out
 

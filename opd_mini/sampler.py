@@ -1,16 +1,32 @@
-"""Student rollouts: sample completions with ``generate`` (KV cache) and record what the loss needs.
+"""Student rollouts: sample completions (KV cache, no grad) and record what the loss needs.
 
 The rollouts' layout (left-padded prompts, right-padded completions, masks) is described in
-:mod:`opd_mini.rollouts`. ``behaviour_logp`` comes from one chunked forward of the same weights after
-sampling (:func:`opd_mini.forward.sampled_token_logprobs`), so it equals the trainer's own forward.
+:mod:`opd_mini.rollouts`. Two samplers draw from the same distribution, softmax(logits / temperature)
+filtered by top-k and top-p:
+
+* ``method="generate"`` (the default, the readable reference): Hugging Face ``generate``, then one
+  chunked forward of the same weights for ``behaviour_logp``
+  (:func:`opd_mini.forward.sampled_token_logprobs`), so it equals the trainer's own forward bit for bit.
+* ``method="decode"`` (the fast path): :func:`decode`, a KV-cache loop of this module that draws each
+  token by inverse-CDF sampling (one uniform number per row and step, a float64 cumulative sum) instead
+  of ``torch.multinomial`` (which draws one exponential number per vocabulary entry), and records
+  ``behaviour_logp`` while decoding, with no second forward. Its samples for a seed differ from
+  ``generate``'s (other random numbers are drawn), and its log-probs equal the forward's to float
+  rounding (~1e-6), not bit for bit: where r_t must be exactly 0 (a teacher that is the student's own
+  base), pass ``behaviour_logp="forward"``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from opd_mini.forward import sampled_token_logprobs
-from opd_mini.rollouts import Rollouts, completion_mask_from_ids
+from opd_mini.forward import base_model, project_logits, sampled_token_logprobs
+from opd_mini.rollouts import Rollouts, completion_mask_from_ids, position_ids_from_mask
+
+#: The samplers of :func:`sample` (see the module docstring).
+METHODS = ("generate", "decode")
+#: Where ``behaviour_logp`` comes from: a forward pass after sampling, or the logits seen while decoding.
+BEHAVIOUR_LOGP = ("forward", "decode")
 
 
 #: Passed to every ``generate`` call so that a model's own generation defaults (many hub models ship a
@@ -140,8 +156,10 @@ def sample(
     top_k: int = 0,
     use_chat_template: bool | str = "auto",
     seed: int | None = None,
+    method: str = "generate",
+    behaviour_logp: str | None = None,
 ) -> Rollouts:
-    """Sample ``num_generations`` completions per prompt from ``model`` with ``generate`` (KV cache, no grad).
+    """Sample ``num_generations`` completions per prompt from ``model`` (KV cache, no grad).
 
     ``temperature=0`` decodes greedily; otherwise tokens are drawn from the temperature-scaled
     distribution, filtered by ``top_k`` (0 = off) and ``top_p`` (1 = off). ``behaviour_logp`` is always
@@ -153,6 +171,12 @@ def sample(
     :data:`NEUTRAL_GENERATION`, :data:`NEUTRAL_SAMPLING`), and token ids past ``len(tokenizer)``
     (padding rows of an embedding matrix rounded up, e.g. 151,936 rows for 151,665 tokens) are never
     sampled.
+
+    ``method``: ``"generate"`` (Hugging Face ``generate``, the reference) or ``"decode"`` (:func:`decode`,
+    the fast loop; other samples for the same seed). ``behaviour_logp``: ``"forward"`` (one forward
+    after sampling: bit-identical to the trainer's and the teacher's forward) or ``"decode"`` (recorded
+    while decoding; only with ``method="decode"``); None picks ``method``'s own ("forward" for generate,
+    "decode" for decode).
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -160,6 +184,13 @@ def sample(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not (0.0 < top_p <= 1.0) or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    behaviour_logp = behaviour_logp or ("decode" if method == "decode" else "forward")
+    if behaviour_logp not in BEHAVIOUR_LOGP:
+        raise ValueError(f"behaviour_logp must be one of {', '.join(BEHAVIOUR_LOGP)}; got {behaviour_logp!r}")
+    if behaviour_logp == "decode" and method != "decode":
+        raise ValueError("behaviour_logp='decode' needs method='decode' (generate does not keep the log-probs)")
     rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
                                  max_length=_max_context(model), max_new_tokens=max_new_tokens)
     eos_ids = _eos_ids(model, tokenizer)
@@ -169,14 +200,10 @@ def sample(
     prompt_ids_BP, prompt_mask_BP = left_pad(rows, pad_id)
     prompt_index_B = torch.arange(len(rows)).repeat_interleave(num_generations)
     prompt_ids_BP, prompt_mask_BP = prompt_ids_BP[prompt_index_B], prompt_mask_BP[prompt_index_B]
-    P = prompt_ids_BP.shape[1]
 
-    greedy = temperature == 0
-    gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature),
-                                                            top_p=float(top_p), top_k=int(top_k), **NEUTRAL_SAMPLING)
-    head_rows = getattr(model.get_output_embeddings(), "out_features", None)
-    if head_rows is not None and head_rows > len(tokenizer):  # padding rows of the embedding: never sample them
-        gen_kwargs["suppress_tokens"] = list(range(len(tokenizer), head_rows))
+    head_rows = getattr(base_model(model).get_output_embeddings(), "out_features", None)
+    # padding rows of the head (beyond len(tokenizer)) are never sampled: the distribution is over the tokens
+    vocab = min(head_rows, len(tokenizer)) if head_rows is not None else len(tokenizer)
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
@@ -184,24 +211,121 @@ def sample(
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(
-                input_ids=prompt_ids_BP.to(device), attention_mask=prompt_mask_BP.to(device),
-                max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                eos_token_id=eos_ids or None, use_cache=True, return_dict_in_generate=True,
-                **NEUTRAL_GENERATION, **gen_kwargs,
-            )
-            completion_ids_BT = out.sequences[:, P:]
-            rollouts = _assemble(tokenizer, prompt_ids_BP.to(device), prompt_mask_BP.to(device), completion_ids_BT,
-                                 eos_ids, pad_id, torch.zeros(completion_ids_BT.shape, device=device),
+            prompt_ids_BP, prompt_mask_BP = prompt_ids_BP.to(device), prompt_mask_BP.to(device)
+            if method == "decode":
+                completion_ids_BT, logp_BT = decode(model, prompt_ids_BP, prompt_mask_BP, max_new_tokens=max_new_tokens,
+                                                    vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id,
+                                                    temperature=temperature, top_p=top_p, top_k=top_k)
+            else:
+                completion_ids_BT = _generate(model, prompt_ids_BP, prompt_mask_BP, max_new_tokens=max_new_tokens,
+                                              head_rows=head_rows, vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id,
+                                              temperature=temperature, top_p=top_p, top_k=top_k)
+                logp_BT = torch.zeros(completion_ids_BT.shape, device=device)
+            rollouts = _assemble(tokenizer, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, eos_ids, pad_id, logp_BT,
                                  prompt_index_B.to(device), texts)
-            # Behaviour log-probs from one chunked no-grad forward of the same weights (still in eval mode)
-            # rather than generate(output_logits=True), which would keep T × (B, V) fp32 logits in memory.
-            # Padding rows of the head are never sampled, so the distribution is over len(tokenizer) tokens.
-            vocab = min(head_rows, len(tokenizer)) if head_rows is not None else None
-            rollouts.behaviour_logp = sampled_token_logprobs(model, rollouts, vocab_size=vocab).float()
+            if behaviour_logp == "forward":
+                # One chunked no-grad forward of the same weights (still in eval mode) rather than
+                # generate(output_logits=True), which would keep T × (B, V) fp32 logits in memory.
+                rollouts.behaviour_logp = sampled_token_logprobs(model, rollouts, vocab_size=vocab).float()
     finally:
         model.train(was_training)
     return rollouts
+
+
+def _generate(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens, head_rows, vocab_size, eos_ids, pad_id,
+              temperature, top_p, top_k) -> torch.Tensor:
+    """Completion ids (B, T) from Hugging Face ``generate``: the reference sampler."""
+    greedy = temperature == 0
+    gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature),
+                                                            top_p=float(top_p), top_k=int(top_k), **NEUTRAL_SAMPLING)
+    if head_rows is not None and head_rows > vocab_size:  # padding rows of the embedding: never sample them
+        gen_kwargs["suppress_tokens"] = list(range(vocab_size, head_rows))
+    out = model.generate(
+        input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+        eos_token_id=eos_ids or None, use_cache=True, return_dict_in_generate=True,
+        **NEUTRAL_GENERATION, **gen_kwargs,
+    )
+    return out.sequences[:, prompt_ids_BP.shape[1]:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast path: a KV-cache decode loop with inverse-CDF sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling scores: ``logits / temperature``, then top-k, then top-p (−inf outside), as ``generate``'s
+    temperature, top-k and top-p warpers compute them (ties at the k-th logit are kept; top-p keeps the
+    smallest set of most likely tokens whose mass exceeds ``top_p``, at least one)."""
+    scores = logits_BV / temperature if temperature != 1.0 else logits_BV
+    if 0 < top_k < scores.shape[-1]:
+        kth_B1 = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = scores.sort(dim=-1)  # ascending: drop the low tail whose mass is <= 1 - top_p
+        drop_BV = sorted_BV.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop_BV[:, -1] = False
+        scores = scores.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
+    return scores
+
+
+def inverse_cdf_sample(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``probs_BV`` (unnormalised, >= 0), by inverse-CDF sampling: the first index whose
+    cumulative mass exceeds ``u · total``, ``u ~ U[0, 1)``. The cumulative sum is taken in float64, so a
+    token's chance is its probability to ~1e-16, however small. Zero-probability tokens are never drawn."""
+    cdf_BV = probs_BV.cumsum(dim=-1, dtype=torch.float64)
+    u_B1 = torch.rand((probs_BV.shape[0], 1), dtype=torch.float64, device=probs_BV.device, generator=generator)
+    y_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(1)
+    return y_B.clamp(max=probs_BV.shape[-1] - 1)
+
+
+@torch.no_grad()
+def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, max_new_tokens: int,
+           vocab_size: int, eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+           top_k: int = 0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample completions with a KV cache; returns ``(completion_ids_BT, behaviour_logp_BT)``.
+
+    One forward of the decoder over the left-padded prompts fills the cache; then, per new token, the
+    output head on the last hidden state (:func:`opd_mini.forward.project_logits`, trimmed to
+    ``vocab_size``), the draw (greedy at ``temperature`` 0, otherwise :func:`inverse_cdf_sample` on the
+    :func:`filter_logits` scores), and the log-prob of the drawn token under the raw logits
+    (temperature 1, unfiltered): what the trainer's forward gives, to float rounding. Rows that produced
+    an EOS get ``pad_id`` (log-prob 0) afterwards; the loop stops when every row has ended or after
+    ``max_new_tokens``. Position ids are counted over the attention mask, as in ``generate`` and
+    :meth:`Rollouts.position_ids`. ``model`` may be a peft model (its adapters stay as they are).
+    """
+    from transformers import DynamicCache
+
+    base = base_model(model)
+    decoder = getattr(base, base.base_model_prefix)
+    B, device = prompt_ids_BP.shape[0], prompt_ids_BP.device
+    eos_1E = torch.tensor(eos_ids or [-1], device=device).unsqueeze(0)
+    mask_BL = prompt_mask_BP
+    cache = DynamicCache(config=base.config)
+    out = decoder(input_ids=prompt_ids_BP, attention_mask=mask_BL, position_ids=position_ids_from_mask(mask_BL),
+                  past_key_values=cache, use_cache=True)
+    ended_B = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logps = [], []
+    for t in range(max_new_tokens):
+        logits_BV = project_logits(model, out.last_hidden_state[:, -1], vocab_size).float()
+        lse_B1 = logits_BV.logsumexp(dim=-1, keepdim=True)
+        if temperature == 0:
+            y_B = logits_BV.argmax(dim=-1)
+        elif temperature == 1.0 and top_k == 0 and top_p == 1.0:  # the unfiltered distribution: reuse the logsumexp
+            y_B = inverse_cdf_sample((logits_BV - lse_B1).exp_(), generator)
+        else:
+            y_B = inverse_cdf_sample(filter_logits(logits_BV, temperature, top_k, top_p).softmax(dim=-1), generator)
+        logp_B = (logits_BV.gather(1, y_B.unsqueeze(1)) - lse_B1).squeeze(1)
+        y_B = y_B.masked_fill(ended_B, pad_id)
+        tokens.append(y_B)
+        logps.append(logp_B.masked_fill(ended_B, 0.0))
+        ended_B = ended_B | (y_B.unsqueeze(1) == eos_1E).any(dim=1)
+        if t == max_new_tokens - 1 or bool(ended_B.all()):
+            break
+        mask_BL = torch.cat([mask_BL, mask_BL.new_ones(B, 1)], dim=1)
+        out = decoder(input_ids=y_B.unsqueeze(1), attention_mask=mask_BL,
+                      position_ids=(mask_BL.sum(dim=1, keepdim=True) - 1), past_key_values=cache, use_cache=True)
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
 def build_rollouts(tokenizer, prompts: list[str], completions: list[str], *, use_chat_template: bool | str = "auto",

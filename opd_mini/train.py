@@ -97,7 +97,8 @@ def make_rollouts(cfg: TrainConfig, m: Models, spec: registry.LossSpec, prompts:
     """Sample completions: from the student (on-policy), or from the teacher for losses registered with
     ``rollouts="teacher"`` (the sft baseline)."""
     kwargs = dict(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                  top_p=cfg.top_p, top_k=cfg.top_k_sampling, use_chat_template=_chat(cfg), seed=seed)
+                  top_p=cfg.top_p, top_k=cfg.top_k_sampling, use_chat_template=_chat(cfg), seed=seed,
+                  **sampler_options(cfg, m))
     if spec.rollouts == "student":
         return sample(m.student, m.tokenizer, prompts, **kwargs)
     with adapter_disabled(m.student, enabled=m.teacher_is_student_base):
@@ -108,7 +109,13 @@ def teacher_samples(cfg: TrainConfig, m: Models, prompts: list[str], num_generat
     """The teacher's own samples at temperature 1 (``behaviour_logp`` = its log-probs), e.g. for the forward KL."""
     with adapter_disabled(m.student, enabled=m.teacher_is_student_base):
         return sample(m.scorer, m.tokenizer, prompts, num_generations=num_generations, max_new_tokens=cfg.max_new_tokens,
-                      temperature=1.0, use_chat_template=_chat(cfg), seed=seed)
+                      temperature=1.0, use_chat_template=_chat(cfg), seed=seed, **sampler_options(cfg, m))
+
+
+def sampler_options(cfg: TrainConfig, m: Models) -> dict:
+    """``--sampler``; with the student's own base as the teacher the behaviour log-probs come from a forward
+    (bit-identical to the teacher's scoring, so r_t = 0 exactly), not from the decoding loop."""
+    return dict(method=cfg.sampler, behaviour_logp="forward" if m.teacher_is_student_base else None)
 
 
 def teacher_signal(cfg: TrainConfig, m: Models, rollouts: Rollouts, kind: str) -> TeacherSignal:
@@ -203,7 +210,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         out = evaluate(m.student, m.tokenizer, eval_task, num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
                        k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
                        seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, sample_teacher=sampler,
-                       retention_task=retention_task, split=eval_split)
+                       retention_task=retention_task, split=eval_split, sampler_options=sampler_options(cfg, m))
         return {**out, "time/eval": time.perf_counter() - t0}
 
     if not dist.is_main:  # [dp] only the main process evaluates and logs

@@ -116,3 +116,21 @@ def test_readme_self_distillation_block_and_reading_match_the_committed_results(
             e = by[(name, lr)]
             means = [_mean([k[i] for k in e["kl_to_init"]]) for i in range(len(e["steps"]))]
             assert max(range(len(means)), key=means.__getitem__) == 1, (name, lr)
+
+
+def test_decode_sampler_runs_the_loop_and_keeps_self_distillation_exact(tmp_path):
+    """--sampler decode (the fast loop) trains; with the student's own base as the teacher its behaviour
+    log-probs still come from a forward, so OPD's r_t is exactly 0 and the student does not move."""
+    from opd_mini.config import TrainConfig
+    from opd_mini.train import train
+
+    paths = ensure_setting("compounding")
+    common = dict(student=paths["student"], tokenizer=paths["tokenizer"], task="walk:10", max_new_tokens=12,
+                  prompts_per_step=4, num_generations=2, steps=2, eval_every=1, eval_prompts=8, eval_samples=2, pass_k=1,
+                  threads=1, device="cpu", dtype="float32", progress=False, sampler="decode", lr=1e-2)
+    selfd = train(TrainConfig(**common, lora=True, teacher="self", loss="reverse_kl_sampled", eval_kl_forward=True,
+                              out_dir=str(tmp_path / "self")))
+    assert all(h["eval/kl_forward"] == 0.0 and h["eval/kl_reverse"] == 0.0 for h in selfd["eval_history"])
+    other = train(TrainConfig(**common, lora=False, teacher=paths["teacher"], loss="reverse_kl_full",
+                              out_dir=str(tmp_path / "other")))
+    assert other["steps_done"] == 2 and other["eval_history"][-1]["eval/kl_reverse"] > 0
