@@ -504,18 +504,25 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def experiment_parser(prog: str, description: str, quick_help: str, out: str) -> argparse.ArgumentParser:
+    """The flags every multi-run experiment shares: --quick, --seeds, --steps, --workers, --out, --no-progress."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the scale's)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
+    p.add_argument("--out", default=out, help="output directory")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m opd_mini.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the small budget (about 2 minutes on 2 cores)")
+    p = experiment_parser("python -m opd_mini.demo", __doc__.split("\n\n")[0],
+                          "the small budget (about 2 minutes on 2 cores)", "runs/demo")
     p.add_argument("--settings", default=None, help=f"comma-separated, from {', '.join(SETTING_NAMES)} (default: all)")
     p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all; "
                    f"--quick: {','.join(SCALES['quick']['methods'])})")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the scale's)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate of every run (default {RUN['lr']})")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     return run_cli(lambda: run_demo(args))
 

@@ -199,14 +199,11 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m opd_mini.forgetting", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the small budget (the tests use it)")
+    from opd_mini.demo import experiment_parser
+
+    p = experiment_parser("python -m opd_mini.forgetting", __doc__.split("\n\n")[0],
+                          "the small budget (the tests use it)", "runs/forgetting")
     p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the scale's)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the scale's)")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
-    p.add_argument("--out", default="runs/forgetting", help="output directory")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     return run_cli(lambda: run_experiment(args))
 
