@@ -95,16 +95,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
         name="noisy_teacher", task="walk:10", max_new_tokens=12,
         teacher=Recipe(data="noisy", p=0.08, lr=3e-3, min_greedy=0.97, min_sampled=0.6, max_sampled=0.75),
         student=Recipe(size="student", data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
-        about="an imperfect, stochastic teacher: its greedy walk is right, but each sampled move is wrong "
-              "with probability about 0.08, so its sampled pass@1 is about 0.7 and its errors are spread "
-              "over every move of the walk",
+        about="an imperfect, stochastic teacher, trained on walks whose moves were flipped at random (p = 0.08 "
+              "per move): its greedy walk is right, its samples often are not, and its errors are spread over "
+              "every move of the walk",
     ),
     Setting(
         name="capacity", task="walk:10", max_new_tokens=12,
         teacher=Recipe(), teacher_of="compounding",
         student=Recipe(size="student", config=dict(num_hidden_layers=1, hidden_size=16, intermediate_size=64),
                        data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
-        about="a capacity-limited student: one layer of width 16 (about a tenth of the teacher's parameters) "
+        about="a capacity-limited student: one layer of width 16 (about a twentieth of the teacher's parameters) "
               "distilled from the compounding setting's teacher",
     ),
 ]}
