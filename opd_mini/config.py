@@ -64,7 +64,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute student activations in backward to save memory")
 
     # --- task -------------------------------------------------------------------------------
-    task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, jsonl:PATH or hf:DATASET[:split]")
+    task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, walk:N, jsonl:PATH or "
+                    "hf:DATASET[:split]")
     eval_task: str = opt("", "task whose prompts evaluate the run (e.g. jsonl:eval.jsonl; then the whole training "
                          "file is trained on); empty = the training task's held-out split")
     eval_fraction: float = opt(0.1, "jsonl/hf tasks without --eval_task: fraction of the file held out for "

@@ -52,7 +52,7 @@ def test_unknown_or_malformed_spec_is_a_clear_error(spec):
 
 
 def test_unknown_spec_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"reverse:N, add:N, jsonl:PATH, hf:NAME\[:SPLIT\]"):
+    with pytest.raises(ValueError, match=r"reverse:N, add:N, walk:N, jsonl:PATH, hf:NAME\[:SPLIT\]"):
         get_task("copy:3")
     with pytest.raises(ValueError, match="N >= 1"):
         get_task("reverse:0")
