@@ -49,6 +49,10 @@ class TrainConfig:
     teacher: str = opt("tiny", "teacher model: a Hugging Face id or directory; 'tiny' = the offline tiny teacher; "
                        "'self' = the student's own base model (self-distillation: scored with the LoRA adapter "
                        "disabled, or a frozen copy when lora is off); 'none' only for grpo")
+    teachers: str = opt("", "one teacher per task, 'TASK=TEACHER;TASK=TEACHER' (a YAML/JSON file may give a mapping): "
+                        "each rollout is scored by its task's teacher, e.g. --task 'reverse:5+add:3' --teachers "
+                        "'reverse:5=PATH_A;add:3=PATH_B@4bit'; TEACHER is an id or directory, 'self', or either with "
+                        "@8bit/@4bit; every task of --task needs one; empty = --teacher scores every task")
     tokenizer: str = opt("", "tokenizer id or directory shared by student and teacher (empty = the student's)")
     tiny_dir: str = opt("", "cache directory of the offline tiny models (empty = opd_mini.tiny's default)")
     check_tokenizers: bool = opt(True, "stop unless the teacher's own tokenizer (when its directory or hub id has "
@@ -62,6 +66,9 @@ class TrainConfig:
     lora_target_modules: str = opt("all-linear", "modules that get adapters: 'all-linear' or a comma-separated "
                                    "list of module names (e.g. q_proj,v_proj)")
     gradient_checkpointing: bool = opt(False, "recompute student activations in backward to save memory")
+    init_adapter: str = opt("", "start the LoRA student from this saved adapter (e.g. another run's "
+                            "checkpoints/step_000060/model) instead of a fresh one; with --teacher self the teacher "
+                            "is still the base without any adapter")
 
     # --- task -------------------------------------------------------------------------------
     task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, walk:N, jsonl:PATH or "
@@ -142,6 +149,8 @@ class TrainConfig:
     eval_temperature: float = opt(1.0, "sampling temperature at evaluation", gt=0)
     eval_kl_forward: bool = opt(False, "also evaluate the forward KL(teacher ‖ student) per token on the teacher's own "
                                 "samples of the held-out prompts (eval/kl_forward; one more sampling pass)")
+    eval_kl_to_init: bool = opt(False, "also evaluate KL(π₀ ‖ π) per token on the retention task's prompts, π₀ = the "
+                                "LoRA student's base (adapter disabled), on π₀'s own samples (eval/retention_kl_to_init)")
     save_every: int = opt(0, "write a checkpoint every N steps, and at the end (0 = only at the end)", ge=0)
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep on disk", ge=1)
     out_dir: str = opt("runs/opd", "directory of the metrics log, checkpoints and final model")
@@ -202,6 +211,12 @@ class TrainConfig:
                              "(the student's own base weights are the teacher); use 'none'")
         if not self.task:
             raise ValueError("task='' is not allowed; give a task spec such as reverse:3, add:3 or jsonl:PATH")
+        if self.init_adapter and not self.lora:
+            raise ValueError(f"init_adapter={self.init_adapter!r} needs lora=true (it is a LoRA adapter)")
+        if self.eval_kl_to_init and not (self.lora and self.retention_task):
+            raise ValueError("eval_kl_to_init=true needs lora=true (π₀ is the student with its adapter disabled) and a "
+                             "--retention_task (whose prompts it is measured on)")
+        parse_teachers(self.teachers)  # its syntax; which tasks need one is checked when the task is built
         return self
 
     # ---------------------------------------------------------------------------------------
@@ -436,9 +451,30 @@ def _parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
+def parse_teachers(spec: str) -> dict[str, tuple[str, str]]:
+    """``teachers`` as {task: (teacher, quantization)}: ``'reverse:5=PATH;add:3=PATH@4bit'`` ->
+    ``{'reverse:5': ('PATH', 'none'), 'add:3': ('PATH', '4bit')}``."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in (x.strip() for x in spec.split(";")):
+        if not item:
+            continue
+        task, eq, teacher = (x.strip() for x in item.partition("="))
+        if not eq or not task or not teacher:
+            raise ValueError(f"teachers={spec!r}: {item!r} is not TASK=TEACHER; write 'reverse:5=PATH;add:3=PATH@4bit'")
+        if task in out:
+            raise ValueError(f"teachers={spec!r} names the task {task!r} twice; give each task one teacher")
+        path, at, quant = teacher.rpartition("@") if teacher.endswith(("@8bit", "@4bit")) else (teacher, "", "none")
+        if quant != "none" and path == "self":
+            raise ValueError(f"teachers={spec!r}: 'self' cannot be quantized (the student's own weights are the teacher)")
+        out[task] = (path, quant)
+    return out
+
+
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Accept the obvious spellings from YAML/JSON (1 for 1.0, "true" for True); reject the rest by name."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if f.name == "teachers" and isinstance(value, dict):  # a mapping in a config file
+        value = ";".join(f"{k}={v}" for k, v in value.items())
     try:
         if kind == "bool":
             if isinstance(value, bool):

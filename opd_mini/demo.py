@@ -453,7 +453,8 @@ def run_pool(fn, jobs: list[dict], workers: int, desc: str = "", progress: bool 
             raise
 
 
-def _names(text: str, valid, what: str) -> list[str]:
+def parse_names(text: str, valid, what: str) -> list[str]:
+    """The comma-separated names in ``text``, each one of ``valid`` (else one error naming the --flag)."""
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in names if x not in valid]
     if bad or not names:
@@ -465,8 +466,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from opd_mini.worlds import ensure_setting, get_setting
 
     scale = dict(SCALES["quick" if args.quick else "full"])
-    settings = _names(args.settings, SETTING_NAMES, "settings") if args.settings else list(SETTING_NAMES)
-    methods = _names(args.methods, METHODS, "methods") if args.methods else list(scale["methods"])
+    settings = parse_names(args.settings, SETTING_NAMES, "settings") if args.settings else list(SETTING_NAMES)
+    methods = parse_names(args.methods, METHODS, "methods") if args.methods else list(scale["methods"])
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

@@ -40,6 +40,8 @@ EVAL_METRIC_DOCS: dict[str, str] = {
     "mean_t log q(y_t) − log π_θ(y_t), y ~ q (with --eval_kl_forward; KL(π₀ ‖ π_θ) when the teacher is the "
     "student's own base)",
     "eval/retention_pass@1": "retention task (never trained): pass@1 of the student, to measure forgetting",
+    "eval/retention_kl_to_init": "retention task: per-token KL(π₀ ‖ π_θ) on π₀'s own samples of its prompts, π₀ = the "
+    "LoRA student's base (adapter disabled) (with --eval_kl_to_init)",
 }
 
 
@@ -85,6 +87,7 @@ def evaluate(
     score_teacher: Callable | None = None,
     sample_teacher: Callable | None = None,
     retention_task: Task | None = None,
+    sample_init: Callable | None = None,
     prefix: str = "eval/",
     split: str = "eval",
     sampler_options: dict | None = None,
@@ -94,7 +97,8 @@ def evaluate(
     ``score_teacher(rollouts) -> TeacherSignal`` (sampled log-probs only) adds ``eval/kl_reverse``;
     ``sample_teacher(prompts, num_generations, seed) -> Rollouts`` (the teacher's own samples, their
     ``behaviour_logp`` its log-probs) adds ``eval/kl_forward``; ``retention_task`` adds
-    ``eval/retention_pass@1``. Sampling is seeded, so two evaluations of the
+    ``eval/retention_pass@1``, and with ``sample_init`` (π₀'s samples, like ``sample_teacher``) also
+    ``eval/retention_kl_to_init``, KL(π₀ ‖ π_θ) on the retention prompts. Sampling is seeded, so two evaluations of the
     same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
     part by default; at most its size). ``sampler_options`` (``method``, ``behaviour_logp``) go to
     :func:`opd_mini.sampler.sample`. Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
@@ -128,8 +132,10 @@ def evaluate(
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             use_chat_template=use_chat_template, prefix="retention/", split="all",
-                            sampler_options=sampler_options)
+                            sample_teacher=sample_init, sampler_options=sampler_options)
         out[f"{prefix}retention_pass@1"] = retained["retention/pass@1"]
+        if sample_init is not None:
+            out[f"{prefix}retention_kl_to_init"] = retained["retention/kl_forward"]
     return out
 
 

@@ -2,23 +2,37 @@
 
 ``'tiny'`` names resolve to the offline tiny world of :mod:`opd_mini.tiny`. With a LoRA student whose
 teacher is its own base (``teacher='self'``, or the same path unquantized), no second copy is loaded:
-the teacher is the student with its adapter disabled.
+the teacher is the student with its adapter disabled. With ``teachers`` (one teacher per task), each
+distinct (path, quantization) is loaded once, and :meth:`Models.teacher_for` names the one of a task.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer
 
-from opd_mini.config import TrainConfig
+from opd_mini.config import TrainConfig, parse_teachers
 from opd_mini.student import load_student
+from opd_mini.tasks import MixTask, get_task
+from opd_mini.sampler import encode_prompts, format_prompts
 from opd_mini.teacher import check_same_tokenizer, load_teacher, shared_vocab_size
 from opd_mini.tiny import ensure_tiny_models
+
+
+@dataclass
+class TeacherRef:
+    """One teacher as the loop uses it: the model that scores, and whether it is the student's own base
+    (then it scores with the LoRA adapter disabled)."""
+
+    model: Any
+    is_student_base: bool
+    path: str
 
 
 @dataclass
@@ -30,23 +44,31 @@ class Models:
     teacher_is_student_base: bool  # self-distillation: score the student with its adapter disabled
     student_path: str
     teacher_path: str
+    teachers: dict[str, TeacherRef] = field(default_factory=dict)  # task spec -> its teacher (--teachers)
 
     @property
     def scorer(self):
         """The model that scores as the teacher (the student itself when its base is the teacher), or None."""
         return self.student if self.teacher_is_student_base else self.teacher
 
+    def teacher_for(self, task: str) -> TeacherRef:
+        """The teacher of the task ``task`` (its spec): its entry in ``teachers``, else the one teacher."""
+        if self.teachers:
+            return self.teachers[task]
+        return TeacherRef(self.scorer, self.teacher_is_student_base, self.teacher_path)
+
 
 def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
     """Tokenizer, student (LoRA or full) and teacher; 'tiny' names resolve to the offline tiny world."""
-    paths = {"student": cfg.student, "teacher": cfg.teacher, "tokenizer": cfg.tokenizer or cfg.student}
-    if "tiny" in (cfg.student, cfg.teacher):
+    teacher = "none" if cfg.teachers else cfg.teacher  # with one teacher per task, --teacher is not used
+    paths = {"student": cfg.student, "teacher": teacher, "tokenizer": cfg.tokenizer or cfg.student}
+    if "tiny" in (cfg.student, teacher):
         tiny = ensure_tiny_models(cfg.tiny_dir or None, task=cfg.task, progress=cfg.progress)
         paths = {k: (str(tiny[k]) if v == "tiny" else v) for k, v in paths.items()}
         if cfg.tokenizer == "" and cfg.student == "tiny":
             paths["tokenizer"] = str(tiny["tokenizer"])
     for role, path in paths.items():
-        if role == "teacher" and cfg.teacher in ("self", "none"):
+        if role == "teacher" and teacher in ("self", "none"):
             continue
         looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "org/name"
         if looks_local and not os.path.exists(os.path.expanduser(path)):
@@ -58,10 +80,16 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
         raise ValueError(f"cannot load the tokenizer {paths['tokenizer']!r}: give a directory written by "
                          "save_pretrained or a Hugging Face id, which needs a network the first time "
                          f"({' '.join(str(e).split(chr(10))[0].split())})") from None
+    if cfg.init_adapter:
+        check_adapter_base(cfg.init_adapter, paths["student"])
     student = load_student(
         paths["student"], lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         lora_target_modules=_target_modules(cfg.lora_target_modules), device=device, dtype=dtype,
-        gradient_checkpointing=cfg.gradient_checkpointing)
+        gradient_checkpointing=cfg.gradient_checkpointing, adapter_path=cfg.init_adapter or None)
+    if cfg.teachers:
+        teachers = load_task_teachers(cfg, student, tokenizer, paths["student"], device, dtype)
+        vocab = {shared_vocab_size(tokenizer, student, t.model) for t in teachers.values()}
+        return Models(student, None, tokenizer, min(vocab), False, paths["student"], "", teachers)
     teacher, self_base = None, False
     same_weights = cfg.teacher == "self" or (paths["teacher"] == paths["student"] and cfg.teacher_quantization == "none")
     if cfg.lora and same_weights:
@@ -76,6 +104,68 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     return Models(student, teacher, tokenizer, vocab_size, self_base, paths["student"], paths["teacher"])
 
 
+def load_task_teachers(cfg: TrainConfig, student, tokenizer, student_path: str, device, dtype) -> dict[str, TeacherRef]:
+    """``cfg.teachers`` loaded: {task spec: TeacherRef}, each distinct (path, quantization) once. Every task of
+    ``cfg.task`` (each part of a mixture) must have a teacher, and every teacher a task of ``cfg.task``."""
+    wanted = parse_teachers(cfg.teachers)
+    task = get_task(cfg.task, eval_fraction=cfg.eval_fraction)
+    names = [t.name for t, _ in task.parts] if isinstance(task, MixTask) else [task.name]
+    for name in names:
+        if name not in wanted:
+            raise ValueError(f"the task {name} has no teacher in --teachers ({cfg.teachers!r}); add '{name}=PATH'")
+    for name in wanted:
+        if name not in names:
+            raise ValueError(f"--teachers names the task {name}, which is not part of --task {cfg.task!r} "
+                             f"(its tasks: {', '.join(names)})")
+    loaded: dict[tuple[str, str], TeacherRef] = {}
+    for path, quant in dict.fromkeys(wanted.values()):
+        source = student_path if path == "self" else path
+        if cfg.lora and quant == "none" and (path == "self" or _same_path(source, student_path)):
+            loaded[(path, quant)] = TeacherRef(student, True, student_path)  # no second copy
+            continue
+        if not os.path.exists(os.path.expanduser(source)) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+            raise ValueError(f"the teacher {source} (in --teachers) does not exist: give a save_pretrained directory "
+                             "or a Hugging Face model id")
+        model = load_teacher(source, quantization=quant, device=device, compute_dtype=dtype)
+        if cfg.check_tokenizers:
+            check_teacher_tokenizer(tokenizer, source, chat_template=cfg.use_chat_template != "no")
+        loaded[(path, quant)] = TeacherRef(model, False, source)
+    return {name: loaded[wanted[name]] for name in names}
+
+
+def check_adapter_base(adapter_dir: str, student_path: str) -> None:
+    """An adapter to start from must exist and have been trained on this student's base model."""
+    config = os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"init_adapter={adapter_dir!r} holds no adapter_config.json: give a LoRA adapter directory "
+                         "(a run's checkpoints/step_XXXXXX/model)")
+    base = json.loads(open(config).read()).get("base_model_name_or_path")
+    if base and not _same_path(str(base), student_path):
+        raise ValueError(f"init_adapter={adapter_dir!r} was trained on the base {base}, but the student is "
+                         f"{student_path}: give --student {base}, or an adapter of this student")
+
+
+def _same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def check_teacher_reads_student(cfg: TrainConfig, teacher: TeacherRef, tokenizer, rollouts, prompts: list[str]) -> None:
+    """Before the first update: the teacher, rendering the raw prompts its own way (its tokenizer and chat
+    template), reads exactly the tokens the student generated (:func:`check_rendering`).
+    Skipped for the student's own base (the same tokenizer by construction) and a teacher without
+    tokenizer files (:func:`check_teacher_tokenizer` has already said so)."""
+    if teacher.is_student_base or not cfg.check_tokenizers:
+        return
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher.path)
+    except (OSError, ValueError):
+        return
+    check_rendering(tokenizer, teacher_tokenizer, rollouts, use_chat_template={"auto": "auto", "yes": True, "no": False}[
+        cfg.use_chat_template], prompts=prompts)
+
+
 def check_teacher_tokenizer(tokenizer, teacher_path: str, *, chat_template: bool) -> None:
     """Compare the teacher's own tokenizer with the run's (:func:`opd_mini.teacher.check_same_tokenizer`).
 
@@ -87,6 +177,89 @@ def check_teacher_tokenizer(tokenizer, teacher_path: str, *, chat_template: bool
               "cannot be checked against the student's; make sure they share one", file=sys.stderr)
         return
     check_same_tokenizer(tokenizer, teacher_tokenizer, chat_template=chat_template)
+
+
+_SENTINEL = "\u2063opd-mini-prompt\u2063"
+
+
+def _raw_prompts(tokenizer, rollouts, use_chat_template) -> list[str]:
+    """The prompts before the student's chat template, recovered from ``rollouts.prompt_texts``."""
+    if not rollouts.prompt_texts:
+        raise ValueError("the rollouts carry no prompt texts: pass the raw prompts (prompts=...)")
+    (probe,), templated = format_prompts(tokenizer, [_SENTINEL], use_chat_template)
+    if not templated:
+        return list(rollouts.prompt_texts)
+    head, _, tail = probe.partition(_SENTINEL)
+    raw = []
+    for text in rollouts.prompt_texts:
+        if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
+            raise ValueError("cannot recover the raw prompts from the student's rendered ones (its chat template "
+                             "changes the prompt text): pass the raw prompts (prompts=...)")
+        raw.append(text[len(head):len(text) - len(tail)])
+    return raw
+
+
+def _tok(tokenizer, token_id: int | None) -> str:
+    return "nothing" if token_id is None else f"{tokenizer.convert_ids_to_tokens(int(token_id))!r} (id {int(token_id)})"
+
+
+def check_rendering(tokenizer, teacher_tokenizer, rollouts, *, use_chat_template: bool | str = "auto",
+                    prompts: list[str] | None = None) -> None:
+    """Raise ValueError unless the teacher, rendering each rollout itself, would read exactly the tokens it is
+    given: the student's ``rollouts.input_ids`` at the masked-in positions.
+
+    Per row: the raw prompt (``prompts[prompt_index]``, or recovered from ``rollouts.prompt_texts`` by undoing
+    the student's chat template) is rendered as the teacher would render it (its own tokenizer and chat
+    template under ``use_chat_template``, as :func:`opd_mini.sampler.encode_prompts` does) and compared id
+    by id with the student's prompt; the completion (the student's tokens up to and including the first
+    EOS, decoded by the student's tokenizer) is re-tokenized by the teacher's and compared the same way. A
+    completion the teacher's tokenizer splits otherwise but decodes to the same text passes: a sampled
+    completion may be a non-canonical split of its text, and the teacher then reads the same text.
+
+    The error is one line: the first differing row and position, both tokens, and what to change.
+    """
+    raw = list(prompts) if prompts is not None else _raw_prompts(tokenizer, rollouts, use_chat_template)
+    try:
+        teacher_ids, teacher_texts = encode_prompts(teacher_tokenizer, raw, use_chat_template=use_chat_template)
+    except ValueError as e:
+        raise ValueError(f"the teacher's tokenizer cannot render the prompts ({e}): give the teacher the student's "
+                         "tokenizer and chat template, or --check_tokenizers false") from None
+    student_texts = (list(rollouts.prompt_texts) if rollouts.prompt_texts
+                     else format_prompts(tokenizer, raw, use_chat_template)[0])
+    P = rollouts.prompt_len
+    template_fix = ("the teacher renders prompts with another chat template: give the teacher the student's tokenizer "
+                    "and chat template (or render prompts without one, --use_chat_template no), or --check_tokenizers false")
+    vocab_fix = ("the teacher's tokenizer gives the same text other ids: give the teacher the student's tokenizer "
+                 "(a teacher of the student's model family), or --check_tokenizers false")
+    for b in range(rollouts.input_ids.shape[0]):
+        i = int(rollouts.prompt_index[b])
+        prompt = rollouts.input_ids[b, :P][rollouts.attention_mask[b, :P].bool()].tolist()
+        mine = teacher_ids[i]
+        for j in range(max(len(prompt), len(mine))):
+            s = prompt[j] if j < len(prompt) else None
+            t = mine[j] if j < len(mine) else None
+            if s != t:
+                fix = template_fix if teacher_texts[i] != student_texts[i] else vocab_fix
+                raise ValueError(f"the teacher would score other tokens than the student's: row {b}, position "
+                                 f"{P - len(prompt) + j} (prompt token {j}) holds {_tok(tokenizer, s)} where the "
+                                 f"teacher's rendering of prompt {i} has {_tok(teacher_tokenizer, t)}: {fix}")
+        completion = rollouts.completion_ids[b][rollouts.completion_mask[b].to(rollouts.completion_ids.device)].tolist()
+        text = tokenizer.decode(completion, skip_special_tokens=False)
+        mine = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if mine == completion or teacher_tokenizer.decode(completion, skip_special_tokens=False) == text:
+            continue
+        # the first id the two tokenizers read differently, else the first id of the teacher's split that differs
+        t = next((k for k, c in enumerate(completion)
+                  if tokenizer.convert_ids_to_tokens(c) != teacher_tokenizer.convert_ids_to_tokens(c)), None)
+        if t is None:
+            t = next(k for k in range(max(len(completion), len(mine)))
+                     if (completion[k] if k < len(completion) else None) != (mine[k] if k < len(mine) else None))
+        s = completion[t] if t < len(completion) else None
+        reads = f" and reads id {s} as {teacher_tokenizer.convert_ids_to_tokens(s)!r}" if s is not None else ""
+        raise ValueError(f"the teacher would score other tokens than the student's: row {b}, position {P + t} "
+                         f"(completion token {t}) holds {_tok(tokenizer, s)} where the teacher's tokenizer writes the "
+                         f"student's text {text!r} with {_tok(teacher_tokenizer, mine[t] if t < len(mine) else None)}"
+                         f"{reads}: {vocab_fix}")
 
 
 def _target_modules(spec: str) -> str | list[str]:

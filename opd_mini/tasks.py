@@ -7,6 +7,8 @@ Specs understood by :func:`get_task`::
     walk:N             walk from one of N positions to another "2>5="   -> "RRR" (any walk that ends there)
     jsonl:PATH         one {"prompt": ..., "answer": ...} object per line
     hf:NAME[:SPLIT]    a Hugging Face dataset (needs `pip install datasets` and a network)
+    A+B, A*3+B         a mixture: every draw of n examples takes from each task its share of n (by weight,
+                       equal by default); each example remembers its task (``Example.task``), which scores it
 
 Held-out evaluation: a file task (``jsonl:``, ``hf:``) is split once, deterministically, into a training
 part and a held-out part (``eval_fraction`` of it, 10 % by default), and ``examples(n, seed, split=...)``
@@ -22,13 +24,14 @@ whitespace, equals the answer, else 0.0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 #: What :func:`get_task` accepts, for error messages and ``--help`` texts.
-TASK_SPECS = ("reverse:N", "add:N", "walk:N", "jsonl:PATH", "hf:NAME[:SPLIT]")
+TASK_SPECS = ("reverse:N", "add:N", "walk:N", "jsonl:PATH", "hf:NAME[:SPLIT]", "A+B (a mixture, A*3+B weighted)")
 
 #: End-of-sequence markers a completion is cut at before comparing (decoded text normally has none:
 #: the sampler decodes up to the first EOS and skips special tokens).
@@ -41,6 +44,7 @@ class Example:
 
     prompt: str
     answer: str
+    task: str = ""  # the spec of the task it came from, set by a mixture (empty for a single task)
 
 
 def exact_match(completion: str, answer: str) -> float:
@@ -209,6 +213,54 @@ class ListTask(Task):
         return out
 
 
+class MixTask(Task):
+    """A mixture of tasks (spec ``A+B`` or ``A*3+B``): ``examples(n, ...)`` takes from each part its share
+    of ``n`` by weight (largest remainders; parts in spec order), each example tagged with its part's spec
+    in ``Example.task``, and each completion is scored by its example's own task."""
+
+    def __init__(self, name: str, parts: list[tuple[Task, float]]):
+        if len(parts) < 2:
+            raise ValueError(f"task {name!r}: a mixture needs at least two tasks joined by '+'")
+        names = [t.name for t, _ in parts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task {name!r} names a task twice; give each once (weights: A*3+B)")
+        self.name, self.parts = name, parts
+        self.by_name = {t.name: t for t, _ in parts}
+
+    def counts(self, n: int) -> list[int]:
+        """How many of ``n`` examples each part gives: n·w/Σw rounded by largest remainders."""
+        total = sum(w for _, w in self.parts)
+        exact = [n * w / total for _, w in self.parts]
+        counts = [int(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
+        _check_split(split)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        return [dataclasses.replace(e, task=task.name)
+                for (task, _), k in zip(self.parts, self.counts(n)) for e in task.examples(k, seed=seed, split=split)]
+
+    def split_size(self, split: str) -> int | None:
+        sizes = [t.split_size(split) for t, _ in self.parts]
+        return None if any(s is None for s in sizes) else sum(sizes)
+
+    def describe_split(self, split: str) -> str:
+        return "; ".join(t.describe_split(split) for t, _ in self.parts)
+
+    def reward(self, completion: str, example: Example) -> float:
+        if example.task not in self.by_name:
+            raise ValueError(f"example {example.prompt!r} has task {example.task!r}, not a part of {self.name!r}")
+        return self.by_name[example.task].reward(completion, example)
+
+
+def task_of(example: Example, task: Task) -> str:
+    """The spec of the task an example belongs to: its mixture part, else ``task`` itself."""
+    return example.task or task.name
+
+
 SPLITS = ("train", "eval", "all")
 
 
@@ -286,6 +338,19 @@ def get_task(spec: str, *, prompt_column: str = "prompt", answer_column: str = "
 
     ``prompt_column`` / ``answer_column`` / ``hf_config_name`` apply to ``hf:`` datasets only.
     """
+    if "+" in str(spec):
+        parts = []
+        for piece in str(spec).split("+"):
+            one, star, weight = piece.strip().rpartition("*") if "*" in piece else (piece.strip(), "", "1")
+            try:
+                w = float(weight)
+            except ValueError:
+                w = -1.0
+            if not w > 0:
+                raise ValueError(f"task {spec!r}: the weight in {piece.strip()!r} must be a positive number (A*3+B)")
+            parts.append((get_task(one, prompt_column=prompt_column, answer_column=answer_column,
+                                   hf_config_name=hf_config_name, eval_fraction=eval_fraction), w))
+        return MixTask(str(spec), parts)
     kind, _, arg = str(spec).partition(":")
     if kind in ("reverse", "add", "walk"):
         try:

@@ -40,14 +40,14 @@ from opd_mini import distributed, losses, registry
 from opd_mini.config import TrainConfig, parse_args, run_cli
 from opd_mini.eval import EVAL_METRIC_DOCS, adapter_disabled, evaluate, held_out_examples
 from opd_mini.loading import resolve_device
-from opd_mini.models import Models, load_models
+from opd_mini.models import Models, TeacherRef, check_teacher_reads_student, load_models
 from opd_mini.rollouts import MicroBatch, Rollouts
 from opd_mini.runs import (append_log, check_divergence, check_finite, checkpoint_dirs,
                            load_latest_checkpoint, locked_out_dir, read_log, resume_changes, save_checkpoint,
                            saved_config, truncate_log)
 from opd_mini.sampler import sample
 from opd_mini.student import loss_and_backward
-from opd_mini.tasks import get_task
+from opd_mini.tasks import MixTask, get_task, task_of
 from opd_mini.teacher import TeacherSignal, score
 
 #: What each key the loop itself logs means (the losses' keys are in losses.METRIC_DOCS).
@@ -64,6 +64,13 @@ TRAIN_METRIC_DOCS: dict[str, str] = {
     "time/train_total": "cumulative seconds of training steps so far (what max_time_s limits)",
     "time/eval": "seconds spent evaluating at this step",
 }
+
+#: Evaluation keys also reported per task of a mixture, as ``KEY/TASK`` (e.g. ``eval/pass@1/reverse:5``).
+PER_TASK_EVAL_KEYS = ("eval/pass@1", "eval/pass@k", "eval/kl_reverse", "eval/kl_forward")
+TRAIN_METRIC_DOCS.update({
+    "reward/mean/TASK": "a mixture of tasks (--task A+B): mean reward of this step's rollouts of the task TASK",
+    **{f"{k}/TASK": f"a mixture of tasks: {k} of the task TASK alone ({k} itself is the mean over the tasks)"
+       for k in PER_TASK_EVAL_KEYS}})
 
 #: The glossary of every key that can appear in metrics.jsonl.
 METRIC_DOCS: dict[str, str] = {**TRAIN_METRIC_DOCS, **losses.METRIC_DOCS, **EVAL_METRIC_DOCS}
@@ -93,41 +100,44 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def make_rollouts(cfg: TrainConfig, m: Models, spec: registry.LossSpec, prompts: list[str], seed: int) -> Rollouts:
+def make_rollouts(cfg: TrainConfig, m: Models, spec: registry.LossSpec, prompts: list[str], seed: int,
+                  teacher: TeacherRef) -> Rollouts:
     """Sample completions: from the student (on-policy), or from the teacher for losses registered with
     ``rollouts="teacher"`` (the sft baseline)."""
     kwargs = dict(num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   top_p=cfg.top_p, top_k=cfg.top_k_sampling, use_chat_template=_chat(cfg), seed=seed,
-                  **sampler_options(cfg, m))
+                  **sampler_options(cfg, teacher))
     if spec.rollouts == "student":
         return sample(m.student, m.tokenizer, prompts, **kwargs)
-    with adapter_disabled(m.student, enabled=m.teacher_is_student_base):
-        return sample(m.scorer, m.tokenizer, prompts, **kwargs)
+    with adapter_disabled(m.student, enabled=teacher.is_student_base):
+        return sample(teacher.model, m.tokenizer, prompts, **kwargs)
 
 
-def teacher_samples(cfg: TrainConfig, m: Models, prompts: list[str], num_generations: int, seed: int) -> Rollouts:
+def teacher_samples(cfg: TrainConfig, m: Models, prompts: list[str], num_generations: int, seed: int,
+                    teacher: TeacherRef) -> Rollouts:
     """The teacher's own samples at temperature 1 (``behaviour_logp`` = its log-probs), e.g. for the forward KL."""
-    with adapter_disabled(m.student, enabled=m.teacher_is_student_base):
-        return sample(m.scorer, m.tokenizer, prompts, num_generations=num_generations, max_new_tokens=cfg.max_new_tokens,
-                      temperature=1.0, use_chat_template=_chat(cfg), seed=seed, **sampler_options(cfg, m))
+    with adapter_disabled(m.student, enabled=teacher.is_student_base):
+        return sample(teacher.model, m.tokenizer, prompts, num_generations=num_generations,
+                      max_new_tokens=cfg.max_new_tokens, temperature=1.0, use_chat_template=_chat(cfg), seed=seed,
+                      **sampler_options(cfg, teacher))
 
 
-def sampler_options(cfg: TrainConfig, m: Models) -> dict:
+def sampler_options(cfg: TrainConfig, teacher: TeacherRef) -> dict:
     """``--sampler``; with the student's own base as the teacher the behaviour log-probs come from a forward
     (bit-identical to the teacher's scoring, so r_t = 0 exactly), not from the decoding loop."""
-    return dict(method=cfg.sampler, behaviour_logp="forward" if m.teacher_is_student_base else None)
+    return dict(method=cfg.sampler, behaviour_logp="forward" if teacher.is_student_base else None)
 
 
-def teacher_signal(cfg: TrainConfig, m: Models, rollouts: Rollouts, kind: str) -> TeacherSignal:
+def teacher_signal(cfg: TrainConfig, m: Models, rollouts: Rollouts, kind: str, teacher: TeacherRef) -> TeacherSignal:
     """Score the rollouts with the teacher, keeping only what the loss needs (kind: sampled | topk | full).
 
     A full-vocabulary loss computed in chunks (``loss_chunk_size`` > 0) gets the teacher's hidden states,
     projected chunk by chunk inside the loss (the fused path); with ``loss_chunk_size`` 0 it gets the
     (B, T, V) log-probabilities in one piece (the readable reference path)."""
     fused = kind == "full" and cfg.loss_chunk_size > 0
-    return score(m.scorer, rollouts, vocab_size=m.vocab_size, top_k=cfg.top_k if kind == "topk" else 0,
+    return score(teacher.model, rollouts, vocab_size=m.vocab_size, top_k=cfg.top_k if kind == "topk" else 0,
                  full=kind == "full" and not fused, keep_hidden=fused, chunk_size=cfg.teacher_chunk_size,
-                 disable_adapter=m.teacher_is_student_base)
+                 disable_adapter=teacher.is_student_base)
 
 
 def _chat(cfg: TrainConfig) -> bool | str:
@@ -202,15 +212,32 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     dist.broadcast_parameters(params)  # [dp] every process starts from the main process's weights
     dist.barrier()  # [dp] the log is truncated before any process reads it
 
+    base = TeacherRef(m.student, True, m.student_path)  # π₀ of eval_kl_to_init: the student, adapter disabled
+
+    def evaluate_task(part, retention) -> dict[str, float]:
+        teacher = m.teachers.get(part.name) if m.teachers else (m.teacher_for(part.name) if m.scorer is not None else None)
+        scorer = (lambda r: teacher_signal(cfg, m, r, "sampled", teacher)) if teacher else None  # noqa: E731
+        sampler = ((lambda prompts, n, seed: teacher_samples(cfg, m, prompts, n, seed, teacher))  # noqa: E731
+                   if cfg.eval_kl_forward and teacher else None)
+        init = ((lambda prompts, n, seed: teacher_samples(cfg, m, prompts, n, seed, base))  # noqa: E731
+                if cfg.eval_kl_to_init and retention is not None else None)
+        return evaluate(m.student, m.tokenizer, part, num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
+                        k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+                        seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, sample_teacher=sampler,
+                        retention_task=retention, sample_init=init, split=eval_split,
+                        sampler_options=sampler_options(cfg, teacher or TeacherRef(None, False, "")))
+
     def run_eval() -> dict[str, float]:
-        scorer = (lambda r: teacher_signal(cfg, m, r, "sampled")) if m.scorer is not None else None  # noqa: E731
+        """Held-out evaluation; a mixture is evaluated task by task (``eval/pass@1/TASK``, ...) and its
+        ``eval/*`` keys are the mean over its tasks."""
         t0 = time.perf_counter()
-        sampler = ((lambda prompts, n, seed: teacher_samples(cfg, m, prompts, n, seed))  # noqa: E731
-                   if cfg.eval_kl_forward and m.scorer is not None else None)
-        out = evaluate(m.student, m.tokenizer, eval_task, num_prompts=cfg.eval_prompts, num_samples=cfg.eval_samples,
-                       k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-                       seed=cfg.seed, use_chat_template=_chat(cfg), score_teacher=scorer, sample_teacher=sampler,
-                       retention_task=retention_task, split=eval_split, sampler_options=sampler_options(cfg, m))
+        if not isinstance(eval_task, MixTask):
+            out = evaluate_task(eval_task, retention_task)
+        else:
+            per = {t.name: evaluate_task(t, retention_task if i == 0 else None) for i, (t, _) in enumerate(eval_task.parts)}
+            out = {k: sum(r[k] for r in per.values()) / len(per) for k in next(iter(per.values())) if "retention" not in k}
+            out.update({k: v for k, v in per[eval_task.parts[0][0].name].items() if "retention" in k})
+            out.update({f"{k}/{name}": r[k] for name, r in per.items() for k in PER_TASK_EVAL_KEYS if k in r})
         return {**out, "time/eval": time.perf_counter() - t0}
 
     if not dist.is_main:  # [dp] only the main process evaluates and logs
@@ -226,29 +253,41 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     grad_norms = [r["optim/grad_norm"] for r in read_log(metrics_path) if "optim/grad_norm" in r]  # on resume
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"opd {cfg.loss}",
                disable=not cfg.progress or not dist.is_main, dynamic_ncols=True)
-    step = start_step
+    step, checked = start_step, set()
     for step_index in bar:
         step = step_index + 1
         t_step = time.perf_counter()
         examples = _train_examples(cfg, task, step_index, train_split)
 
-        # 1) rollouts for every micro-batch (no grad); the step's token count normalises every piece
+        # 1) rollouts for every micro-batch (no grad); the step's token count normalises every piece.
+        #    A mixture of tasks is split by task, so that each piece is sampled and scored by its task's teacher.
         t0 = time.perf_counter()
         micro: list[MicroBatch] = []
+        tasks: list[str] = []  # the task of each piece
         for i in dist.micro_batches(cfg.grad_accum):  # [dp] global indices; range(grad_accum) on one process
             if pool is not None:  # a fixed set of teacher samples: this micro-batch's prompts drawn from it
-                r, ex = _from_pool(cfg, pool, step_index, i, micro_prompts)
+                pieces = [_from_pool(cfg, pool, step_index, i, micro_prompts)]
             else:
-                ex = examples[i * micro_prompts:(i + 1) * micro_prompts]
-                r = make_rollouts(cfg, m, spec, [e.prompt for e in ex], seed=_sample_seed(cfg.seed, step_index, i))
-            r = r.to(device)
-            mask_BT = r.completion_mask
-            if cfg.mask_special_tokens:
-                mask_BT = losses.mask_special_tokens(mask_BT, r.completion_ids, m.tokenizer.all_special_ids)
-            rewards_B = torch.tensor(task.rewards(r.completions, [ex[j] for j in r.prompt_index.tolist()]))
-            micro.append(MicroBatch(r, registry.LossBatch(tokens_BT=r.completion_ids, mask_BT=mask_BT,
-                                                        behaviour_logp_BT=r.behaviour_logp, rewards_B=rewards_B,
-                                                        group_size=cfg.num_generations)))
+                ex_all = examples[i * micro_prompts:(i + 1) * micro_prompts]
+                pieces = []
+                for g, name in enumerate(dict.fromkeys(task_of(e, task) for e in ex_all)):
+                    ex = [e for e in ex_all if task_of(e, task) == name]
+                    teacher = m.teacher_for(name)
+                    pieces.append((make_rollouts(cfg, m, spec, [e.prompt for e in ex], teacher=teacher,
+                                                 seed=_sample_seed(cfg.seed, step_index, i) + 7_919 * g), ex))
+                    if name not in checked and spec.rollouts == "student" and spec.signal is not None:
+                        checked.add(name)  # once per task: does the teacher read exactly the student's tokens?
+                        check_teacher_reads_student(cfg, teacher, m.tokenizer, pieces[-1][0], [e.prompt for e in ex])
+            for r, ex in pieces:
+                r = r.to(device)
+                mask_BT = r.completion_mask
+                if cfg.mask_special_tokens:
+                    mask_BT = losses.mask_special_tokens(mask_BT, r.completion_ids, m.tokenizer.all_special_ids)
+                rewards_B = torch.tensor(task.rewards(r.completions, [ex[j] for j in r.prompt_index.tolist()]))
+                micro.append(MicroBatch(r, registry.LossBatch(tokens_BT=r.completion_ids, mask_BT=mask_BT,
+                                                            behaviour_logp_BT=r.behaviour_logp, rewards_B=rewards_B,
+                                                            group_size=cfg.num_generations)))
+                tasks.append(task_of(ex[0], task))
         num_tokens = int(dist.sum(sum(int(b.mask_BT.sum()) for b in micro))[0])  # [dp] global N
         t_sample = time.perf_counter() - t0
 
@@ -260,7 +299,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             batch.inputs.num_tokens = max(num_tokens, 1)
             if spec.signal is not None:
-                signal = teacher_signal(cfg, m, batch.rollouts, spec.signal)
+                signal = teacher_signal(cfg, m, batch.rollouts, spec.signal, m.teacher_for(tasks[i]))
                 batch.inputs.teacher_logp_BT = signal.sampled_logp
                 batch.inputs.teacher_topk_ids_BTK, batch.inputs.teacher_topk_logp_BTK = signal.topk_ids, signal.topk_logp
                 batch.inputs.teacher_logp_BTV = signal.full_logp
@@ -268,7 +307,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                 step_metrics.add({"teacher/entropy": _masked_mean(signal.entropy, batch.mask_BT)}, batch.mask_BT)
             t_score += time.perf_counter() - t0
             t0 = time.perf_counter()
-            where = f"step {step}, micro-batch {i + 1}/{cfg.grad_accum}"
+            where = f"step {step}, micro-batch {i + 1}/{len(micro)}"
             check = lambda loss, mets: check_finite({**mets, "loss/total": loss}, cfg=cfg, student=m.student,  # noqa: E731
                                                     where=where, last_good=last_good)
             step_metrics.merge(loss_and_backward(m.student, batch, spec, opts, vocab_size=m.vocab_size,
@@ -295,7 +334,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         row = {"step": step, **step_metrics.result(), "optim/lr": lr, "optim/grad_norm": float(grad_norm),
                "rollout/num_tokens": num_tokens,
                "rollout/completion_len": num_tokens / all_rewards.shape[0],
-               "reward/mean": float(all_rewards.mean()),
+               "reward/mean": float(all_rewards.mean()), **_per_task_rewards(micro, tasks, isinstance(task, MixTask)),
                "time/sample": t_sample, "time/score": t_score, "time/train": t_train, "time/step": step_time,
                "time/train_total": train_time}
         out_of_time = dist.any(cfg.max_time_s > 0 and train_time >= cfg.max_time_s)  # [dp] all stop together
@@ -344,8 +383,12 @@ def _train_examples(cfg: TrainConfig, task, step_index: int, split: str) -> list
 def _teacher_pool(cfg: TrainConfig, m: Models, spec: registry.LossSpec, task, split: str) -> tuple[list, Rollouts]:
     """The fixed set of teacher samples (``teacher_sample_pool`` prompts × ``num_generations``), drawn once at
     the start; seeded, so a resumed run draws the same set."""
+    if isinstance(task, MixTask):
+        raise ValueError(f"teacher_sample_pool={cfg.teacher_sample_pool} is not supported with a mixture of tasks "
+                         f"({task.name}); use 0 (fresh teacher samples every step)")
     examples = task.examples(cfg.teacher_sample_pool, seed=cfg.seed * 1_000_003 - 1, split=split)
-    return examples, make_rollouts(cfg, m, spec, [e.prompt for e in examples], seed=_sample_seed(cfg.seed, -1, 0))
+    return examples, make_rollouts(cfg, m, spec, [e.prompt for e in examples], seed=_sample_seed(cfg.seed, -1, 0),
+                                   teacher=m.teacher_for(task.name))
 
 
 def _from_pool(cfg: TrainConfig, pool: tuple[list, Rollouts], step_index: int, micro: int, n: int) -> tuple[Rollouts, list]:
@@ -362,6 +405,17 @@ def _from_pool(cfg: TrainConfig, pool: tuple[list, Rollouts], step_index: int, m
 def _sample_seed(seed: int, step_index: int, micro: int) -> int:
     """Sampling seed of one micro-batch: a function of (seed, step, micro-batch), so resumed runs match."""
     return (seed * 1_000_003 + step_index) * 1_009 + micro
+
+
+def _per_task_rewards(micro: list[MicroBatch], tasks: list[str], mixture: bool) -> dict[str, float]:
+    """``reward/mean/TASK`` of each task of a mixture (this process's rows), else nothing."""
+    if not mixture:
+        return {}
+    out = {}
+    for name in dict.fromkeys(tasks):
+        rewards = torch.cat([b.inputs.rewards_B for b, t in zip(micro, tasks) if t == name])
+        out[f"reward/mean/{name}"] = float(rewards.mean())
+    return out
 
 
 def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -67,6 +67,11 @@ class Recipe:
     min_greedy: float | None = None
     min_sampled: float | None = None
     max_sampled: float | None = None
+    # a second task mixed into the data (clean answers, this fraction of each batch) and its bounds
+    mix_task: str | None = None
+    mix_fraction: float = 0.0
+    mix_min_sampled: float | None = None
+    mix_max_sampled: float | None = None
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Setting:
 
     name: str
     task: str
-    teacher: Recipe
+    teacher: Recipe | None  # None: the setting is a student alone
     student: Recipe
     max_new_tokens: int
     about: str
@@ -107,6 +112,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
         about="a capacity-limited student: one layer of width 16 (about a twentieth of the teacher's parameters) "
               "distilled from the compounding setting's teacher",
     ),
+    Setting(
+        name="continual", task="reverse:5", max_new_tokens=12, teacher=None,
+        student=Recipe(size="teacher", data="clean", mix_task="walk:10", mix_fraction=0.03, check_every=10,
+                       min_sampled=0.9, mix_min_sampled=0.1, mix_max_sampled=0.6),
+        about="a model with skill A (reverse:5, sampled pass@1 >= 0.9) that has seen a little of skill B (walk:10, "
+              "3 % of its data; pass@1 between 0.1 and 0.6): the start of the forgetting experiment, where it "
+              "learns B from the walk expert (the compounding setting's teacher)",
+    ),
 ]}
 
 
@@ -117,6 +130,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 
 def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[str], list[str], list[int]]:
     """``n`` (prompt, completion, number of leading completion characters without loss) triples."""
+    if recipe.mix_task:
+        k = round(n * recipe.mix_fraction)
+        prompts, completions, skip = training_batch(task, replace(recipe, mix_task=None), n - k, seed)
+        mixed = get_task(recipe.mix_task).examples(k, seed=seed, split="train")
+        return prompts + [e.prompt for e in mixed], completions + [e.answer for e in mixed], skip + [0] * k
     rng = random.Random(f"{task.name}/{recipe.data}/{seed}")
     examples = task.examples(n, seed=seed, split="train")
     prompts = [e.prompt for e in examples]
@@ -162,7 +180,9 @@ def accuracies(model, tokenizer, task: Task, *, max_new_tokens: int, n: int = 25
 def _met(recipe: Recipe, acc: dict[str, float]) -> bool:
     return ((recipe.min_greedy is None or acc["greedy"] >= recipe.min_greedy)
             and (recipe.min_sampled is None or acc["sampled"] >= recipe.min_sampled)
-            and (recipe.max_sampled is None or acc["sampled"] <= recipe.max_sampled))
+            and (recipe.max_sampled is None or acc["sampled"] <= recipe.max_sampled)
+            and (recipe.mix_min_sampled is None or acc["mix_sampled"] >= recipe.mix_min_sampled)
+            and (recipe.mix_max_sampled is None or acc["mix_sampled"] <= recipe.mix_max_sampled))
 
 
 def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tokens: int, seed: int = 0,
@@ -194,6 +214,9 @@ def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tok
             if step % recipe.check_every == 0:
                 model.eval()
                 acc = accuracies(model, tokenizer, task, max_new_tokens=max_new_tokens)
+                if recipe.mix_task:
+                    mixed = accuracies(model, tokenizer, get_task(recipe.mix_task), max_new_tokens=max_new_tokens)
+                    acc.update(mix_greedy=mixed["greedy"], mix_sampled=mixed["sampled"])
                 checks.append({"step": step, **acc})
                 bar.set_postfix(loss=f"{loss.item():.3f}", greedy=f"{acc['greedy']:.2f}", sampled=f"{acc['sampled']:.2f}")
                 if _met(recipe, acc):
@@ -225,7 +248,10 @@ def build_setting(name: str, out_dir: str | os.PathLike, *, seed: int = 0, progr
                                     cache_dir=None if out_dir.parent == ASSETS_DIR else out_dir.parent)
             info["teacher"] = {**shared["info"]["teacher"], "teacher_of": setting.teacher_of}
             continue
-        recipe: Recipe = getattr(setting, role)
+        recipe: Recipe | None = getattr(setting, role)
+        if recipe is None:
+            info[role] = None
+            continue
         model = build_tiny_model(recipe.size, tokenizer, seed=role_seed, **recipe.config)
         log = train_to_target(model, tokenizer, task, recipe, max_new_tokens=setting.max_new_tokens, seed=role_seed,
                               progress=progress, desc=f"{name} {role}")
@@ -252,9 +278,9 @@ def get_setting(name: str) -> Setting:
 
 def _paths(root: Path) -> dict:
     info = json.loads((root / "info.json").read_text())
-    shared = info["teacher"].get("teacher_of")
+    shared = (info["teacher"] or {}).get("teacher_of")
     teacher = root.parent / f"{shared}-seed{info['seed']}-v{WORLDS_VERSION}" / "teacher" if shared else root / "teacher"
-    return {"teacher": str(teacher), "student": str(root / "student"), "tokenizer": str(root / "tokenizer"),
+    return {"teacher": str(teacher) if info["teacher"] is not None else None, "student": str(root / "student"), "tokenizer": str(root / "tokenizer"),
             "dir": str(root), "info": info}
 
 
@@ -318,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} ({info['task']}): {info.get('about', '')}")
             for role in ("teacher", "student"):
                 r = info[role]
+                if r is None:
+                    continue
                 final = r.get("final") or {"greedy": r.get("greedy_accuracy", float("nan")), "sampled": float("nan")}
                 print(f"  {role:8s} {r['parameters']:8,d} params, {r.get('steps', '?')} steps, greedy "
                       f"{final['greedy']:.3f}, sampled pass@1 {final['sampled']:.3f}  {paths[role]}")

@@ -80,15 +80,15 @@ def test_readme_loop_commands_run(tmp_path):
     import sys
 
     lines = [line for block in _blocks("bash", "## The real loop") for line in block.splitlines()]
-    assert len(lines) == 3
-    for line in lines:
+    assert len(lines) == 4
+    for i, line in enumerate(lines):
         argv = shlex.split(line)
         assert argv[0] == ".venv/bin/python"
         if argv[1:3] == ["-m", "opd_mini.demo"]:  # the demo's defaults take a few minutes: run it small
             argv += ["--quick", "--settings", "compounding", "--methods", "sft,opd_full", "--seeds", "0",
                      "--workers", "1", "--out", str(tmp_path / "demo")]
         elif argv[1:3] == ["-m", "opd_mini.train"]:  # into a fresh directory, so that the test can be rerun
-            argv += ["--out_dir", str(tmp_path / "train")]
+            argv += ["--out_dir", str(tmp_path / f"train{i}")]
         elif argv[1:3] == ["-m", "opd_mini.ablate"]:
             argv += ["--out", str(tmp_path / "ablate")]
         _run([sys.executable, *argv[1:]], cwd=ROOT)

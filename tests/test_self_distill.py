@@ -26,7 +26,7 @@ def _mean(values):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("forgetting")
-    assert forgetting.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert forgetting.main(["--quick", "--parts", "self_distill", "--out", str(out), "--no-progress"]) == 0
     return json.loads((out / "forgetting.json").read_text())
 
 
