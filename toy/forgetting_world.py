@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from opd_mini import registry
+from opd_mini.losses import token_logprobs
 from toy.exact import (all_sequence_logprobs, correct_table, entropy_from_logprobs, enumerate_pairs,
                        kl_from_logprobs, sequence_ids)
 from toy.world import MLPPolicy, Policy, TablePolicy, Task, World, copy_policy, make_student, make_tasks, make_teacher
@@ -204,6 +205,8 @@ def loss_from_logits(method: str, student_logits_BTV: torch.Tensor, tokens_BT: t
         raise ValueError(f"method {method!r} compares with a teacher: pass teacher_logits_BTV")
     batch = registry.LossBatch.from_teacher_logits(tokens_BT, teacher_logits_BTV, signal=spec.signal, top_k=topk,
                                                    num_tokens=num_tokens, rewards_B=rewards_B, group_size=group_size)
+    if spec.reward and spec.signal is not None and batch.behaviour_logp_BT is None:  # the hybrid (opd_grpo): on-policy
+        batch.behaviour_logp_BT = token_logprobs(student_logits_BTV.detach(), tokens_BT)
     opts = registry.LossOptions(top_k=topk, beta=jsd_beta, add_sampled_token=True)
     return registry.compute_loss(spec.name, student_logits_BTV, batch, opts)
 
