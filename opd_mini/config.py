@@ -133,6 +133,14 @@ class TrainConfig:
     teacher_sample_pool: int = opt(0, "losses trained on teacher samples (sft): a fixed set of them, this many "
                                    "training prompts sampled once at the start, each step drawing its prompts from "
                                    "the set (a distillation dataset); 0 = fresh teacher samples every step", ge=0)
+    lmbda: float = opt(1.0, "GKD's λ (TRL's lmbda): the probability that a step's rollouts are the student's own samples; "
+                       "otherwise the teacher samples that step (decided per step from the seed, so resumed runs match); "
+                       "below 1 only with a full-distribution loss (reverse_kl_full, forward_kl, jsd, reverse_kl_topk, "
+                       "entropy_aware), which compare whole distributions at every visited state", ge=0, le=1)
+    teacher_template: str = opt("", "the teacher's prompt, from the example's fields, e.g. '{prompt} (the answer is "
+                                "{answer})': the teacher scores the student's completion behind this prompt instead of "
+                                "the student's (privileged-context self-distillation, with --teacher self: no second "
+                                "copy); empty = the student's prompt")
     sampler: str = opt("generate", "rollout sampler: generate (Hugging Face generate, then one forward for the "
                        "behaviour log-probs; the reference) or decode (the package's KV-cache loop with inverse-CDF "
                        "draws and log-probs recorded while decoding: faster at a large vocabulary, other samples for "
@@ -217,6 +225,12 @@ class TrainConfig:
             raise ValueError("eval_kl_to_init=true needs lora=true (π₀ is the student with its adapter disabled) and a "
                              "--retention_task (whose prompts it is measured on)")
         parse_teachers(self.teachers)  # its syntax; which tasks need one is checked when the task is built
+        if self.lmbda < 1 and not (spec.kind == "distribution" and spec.rollouts == "student"):
+            ok = [n for n, s in registry.LOSS_REGISTRY.items() if s.kind == "distribution" and s.rollouts == "student"]
+            raise ValueError(f"lmbda={self.lmbda:g} is not allowed with loss={self.loss}: steps on teacher samples need a "
+                             f"full-distribution loss ({', '.join(ok)}); the sampled-token losses are policy gradients "
+                             "that assume the student's own samples")
+        template_fields(self.teacher_template)
         return self
 
     # ---------------------------------------------------------------------------------------
@@ -449,6 +463,28 @@ def _parse_bool(text: str | bool) -> bool:
     if t in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+#: The fields of an example a ``teacher_template`` may name.
+TEMPLATE_FIELDS = ("prompt", "answer")
+
+
+def template_fields(template: str) -> list[str]:
+    """The fields ``teacher_template`` names; each must be one of :data:`TEMPLATE_FIELDS`."""
+    import string
+
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"teacher_template={template!r} is not a valid template ({e}); write e.g. "
+                         "'{prompt} (the answer is {answer})', with {{ and }} for literal braces") from None
+    for name in names:
+        if name not in TEMPLATE_FIELDS:
+            raise ValueError(f"teacher_template={template!r} names the field {{{name}}}, which the task's examples do not "
+                             f"have; they have {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}")
+    if template and "prompt" not in names and "answer" not in names:
+        raise ValueError(f"teacher_template={template!r} names no field: give e.g. '{{prompt}} (the answer is {{answer}})'")
+    return names
 
 
 def parse_teachers(spec: str) -> dict[str, tuple[str, str]]:

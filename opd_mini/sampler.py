@@ -328,6 +328,34 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
+def with_prompts(rollouts: Rollouts, tokenizer, prompts: list[str], *, use_chat_template: bool | str = "auto",
+                 max_length: int | None = None) -> Rollouts:
+    """The same completions behind other prompts (``prompts[i]`` for the rows of ``rollouts.prompt_index == i``):
+    what a teacher with privileged context reads (on-policy self-distillation, ``teacher_template``).
+
+    The completion part is copied unchanged (ids, mask, behaviour log-probs, attention), so position t of
+    the completion is the same token in both and only the prompt, and its length P, differ; a teacher's
+    scores of the result line up with the student's token by token. ``max_length`` (the teacher's
+    context) is checked against the new prompt plus the completion."""
+    rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template)
+    ids_BP, mask_BP = left_pad([rows[i] for i in rollouts.prompt_index.tolist()], _pad_id(
+        tokenizer, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+    T = rollouts.completion_ids.shape[1]
+    if max_length is not None and ids_BP.shape[1] + T > max_length:
+        longest = max(len(r) for r in rows)
+        raise ValueError(f"the teacher's prompt (teacher_template) has up to {longest} tokens; with the {T} completion "
+                         f"tokens that exceeds the teacher's context of {max_length} positions: shorten the template "
+                         "or lower max_new_tokens")
+    P = rollouts.prompt_len
+    device = rollouts.input_ids.device
+    return Rollouts(
+        input_ids=torch.cat([ids_BP.to(device), rollouts.input_ids[:, P:]], dim=1),
+        attention_mask=torch.cat([mask_BP.to(device), rollouts.attention_mask[:, P:]], dim=1),
+        completion_ids=rollouts.completion_ids, completion_mask=rollouts.completion_mask,
+        behaviour_logp=rollouts.behaviour_logp, prompt_len=ids_BP.shape[1], prompt_index=rollouts.prompt_index,
+        completions=rollouts.completions, prompt_texts=texts)
+
+
 def build_rollouts(tokenizer, prompts: list[str], completions: list[str], *, use_chat_template: bool | str = "auto",
                    add_eos: bool = True, max_length: int | None = None) -> Rollouts:
     """Rollouts from given prompt/completion texts (no sampling): SFT on answers or on teacher samples.

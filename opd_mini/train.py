@@ -23,6 +23,7 @@ is explained in :data:`METRIC_DOCS`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -45,7 +46,7 @@ from opd_mini.rollouts import MicroBatch, Rollouts
 from opd_mini.runs import (append_log, check_divergence, check_finite, checkpoint_dirs,
                            load_latest_checkpoint, locked_out_dir, read_log, resume_changes, save_checkpoint,
                            saved_config, truncate_log)
-from opd_mini.sampler import sample
+from opd_mini.sampler import sample, with_prompts
 from opd_mini.student import loss_and_backward
 from opd_mini.tasks import MixTask, get_task, task_of
 from opd_mini.teacher import TeacherSignal, score
@@ -58,6 +59,8 @@ TRAIN_METRIC_DOCS: dict[str, str] = {
     "rollout/num_tokens": "masked-in completion tokens of the step (the loss normaliser N)",
     "rollout/completion_len": "mean completion length in tokens (EOS included) of the step's rollouts",
     "time/sample": "seconds spent generating rollouts this step",
+    "rollout/on_policy": "with --lmbda below 1: 1 when this step trained on the student's own samples, 0 when the "
+    "teacher sampled it",
     "time/score": "seconds spent scoring the rollouts with the teacher this step",
     "time/train": "seconds of student forward + backward + optimizer step this step",
     "time/step": "wall seconds of the whole step (evaluation and checkpoint excluded)",
@@ -140,6 +143,28 @@ def teacher_signal(cfg: TrainConfig, m: Models, rollouts: Rollouts, kind: str, t
                  disable_adapter=teacher.is_student_base)
 
 
+def teacher_view(cfg: TrainConfig, m: Models, rollouts: Rollouts, examples: list, teacher: TeacherRef) -> Rollouts:
+    """What the teacher reads: the rollouts themselves, or with ``teacher_template`` the same completions behind
+    the privileged prompt built from each row's example (``examples[prompt_index]``), checked against the
+    teacher's context."""
+    if not cfg.teacher_template:
+        return rollouts
+    config = getattr(teacher.model, "config", None)
+    return with_prompts(rollouts, m.tokenizer, _teacher_prompts(cfg, examples), use_chat_template=_chat(cfg),
+                        max_length=getattr(config, "max_position_embeddings", None))
+
+
+def on_policy_step(cfg: TrainConfig, step_index: int) -> bool:
+    """GKD's λ: whether step ``step_index`` trains on the student's samples (a function of seed and step)."""
+    return cfg.lmbda >= 1 or random.Random(f"lmbda/{cfg.seed}/{step_index}").random() < cfg.lmbda
+
+
+def _teacher_prompts(cfg: TrainConfig, examples: list) -> list[str]:
+    if not cfg.teacher_template:
+        return [e.prompt for e in examples]
+    return [cfg.teacher_template.format(prompt=e.prompt, answer=e.answer) for e in examples]
+
+
 def _chat(cfg: TrainConfig) -> bool | str:
     return {"auto": "auto", "yes": True, "no": False}[cfg.use_chat_template]
 
@@ -216,7 +241,9 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
 
     def evaluate_task(part, retention) -> dict[str, float]:
         teacher = m.teachers.get(part.name) if m.teachers else (m.teacher_for(part.name) if m.scorer is not None else None)
-        scorer = (lambda r: teacher_signal(cfg, m, r, "sampled", teacher)) if teacher else None  # noqa: E731
+        shown = held_out_examples(part, cfg.eval_prompts, cfg.seed, eval_split) if cfg.teacher_template else None
+        scorer = ((lambda r: teacher_signal(cfg, m, teacher_view(cfg, m, r, shown, teacher), "sampled", teacher))  # noqa: E731
+                  if teacher else None)
         sampler = ((lambda prompts, n, seed: teacher_samples(cfg, m, prompts, n, seed, teacher))  # noqa: E731
                    if cfg.eval_kl_forward and teacher else None)
         init = ((lambda prompts, n, seed: teacher_samples(cfg, m, prompts, n, seed, base))  # noqa: E731
@@ -263,7 +290,9 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         #    A mixture of tasks is split by task, so that each piece is sampled and scored by its task's teacher.
         t0 = time.perf_counter()
         micro: list[MicroBatch] = []
-        tasks: list[str] = []  # the task of each piece
+        tasks, micro_examples = [], []  # the task and the examples of each piece
+        on_policy = on_policy_step(cfg, step_index)  # GKD's λ: else the teacher samples this step
+        step_spec = spec if on_policy else dataclasses.replace(spec, rollouts="teacher")
         for i in dist.micro_batches(cfg.grad_accum):  # [dp] global indices; range(grad_accum) on one process
             if pool is not None:  # a fixed set of teacher samples: this micro-batch's prompts drawn from it
                 pieces = [_from_pool(cfg, pool, step_index, i, micro_prompts)]
@@ -273,11 +302,12 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                 for g, name in enumerate(dict.fromkeys(task_of(e, task) for e in ex_all)):
                     ex = [e for e in ex_all if task_of(e, task) == name]
                     teacher = m.teacher_for(name)
-                    pieces.append((make_rollouts(cfg, m, spec, [e.prompt for e in ex], teacher=teacher,
+                    pieces.append((make_rollouts(cfg, m, step_spec, [e.prompt for e in ex], teacher=teacher,
                                                  seed=_sample_seed(cfg.seed, step_index, i) + 7_919 * g), ex))
-                    if name not in checked and spec.rollouts == "student" and spec.signal is not None:
+                    if name not in checked and step_spec.rollouts == "student" and spec.signal is not None:
                         checked.add(name)  # once per task: does the teacher read exactly the student's tokens?
-                        check_teacher_reads_student(cfg, teacher, m.tokenizer, pieces[-1][0], [e.prompt for e in ex])
+                        seen = teacher_view(cfg, m, pieces[-1][0], ex, teacher)
+                        check_teacher_reads_student(cfg, teacher, m.tokenizer, seen, _teacher_prompts(cfg, ex))
             for r, ex in pieces:
                 r = r.to(device)
                 mask_BT = r.completion_mask
@@ -288,6 +318,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                                                             behaviour_logp_BT=r.behaviour_logp, rewards_B=rewards_B,
                                                             group_size=cfg.num_generations)))
                 tasks.append(task_of(ex[0], task))
+                micro_examples.append(ex)
         num_tokens = int(dist.sum(sum(int(b.mask_BT.sum()) for b in micro))[0])  # [dp] global N
         t_sample = time.perf_counter() - t0
 
@@ -299,7 +330,9 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             batch.inputs.num_tokens = max(num_tokens, 1)
             if spec.signal is not None:
-                signal = teacher_signal(cfg, m, batch.rollouts, spec.signal, m.teacher_for(tasks[i]))
+                teacher = m.teacher_for(tasks[i])
+                seen = teacher_view(cfg, m, batch.rollouts, micro_examples[i], teacher)  # the teacher's prompt
+                signal = teacher_signal(cfg, m, seen, spec.signal, teacher)
                 batch.inputs.teacher_logp_BT = signal.sampled_logp
                 batch.inputs.teacher_topk_ids_BTK, batch.inputs.teacher_topk_logp_BTK = signal.topk_ids, signal.topk_logp
                 batch.inputs.teacher_logp_BTV = signal.full_logp
@@ -335,6 +368,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                "rollout/num_tokens": num_tokens,
                "rollout/completion_len": num_tokens / all_rewards.shape[0],
                "reward/mean": float(all_rewards.mean()), **_per_task_rewards(micro, tasks, isinstance(task, MixTask)),
+               **({"rollout/on_policy": float(on_policy)} if cfg.lmbda < 1 else {}),
                "time/sample": t_sample, "time/score": t_score, "time/train": t_train, "time/step": step_time,
                "time/train_total": train_time}
         out_of_time = dist.any(cfg.max_time_s > 0 and train_time >= cfg.max_time_s)  # [dp] all stop together
