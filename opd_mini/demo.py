@@ -134,7 +134,8 @@ def quiet_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _load(path: str):
+def load_frozen(path: str):
+    """A saved model in float32, eval mode, no gradients: for measuring, not training."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path).float().eval()
@@ -162,8 +163,8 @@ def run_job(job: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     task = get_task(cfg.task)
     examples = held_out_examples(task, cfg.eval_prompts, cfg.seed)
-    student = _load(str(Path(summary["checkpoint"]) / "model"))
-    final = policy_stats(student, _load(cfg.teacher), tokenizer, task, examples, max_new_tokens=cfg.max_new_tokens,
+    student = load_frozen(str(Path(summary["checkpoint"]) / "model"))
+    final = policy_stats(student, load_frozen(cfg.teacher), tokenizer, task, examples, max_new_tokens=cfg.max_new_tokens,
                          seed=cfg.seed)
     return {
         "setting": job["setting"], "method": job["method"], "seed": cfg.seed,
@@ -187,7 +188,7 @@ def setting_job(job: dict) -> dict:
     quiet_worker()
     tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
     task = get_task(job["task"])
-    teacher, student = _load(job["teacher"]), _load(job["student"])
+    teacher, student = load_frozen(job["teacher"]), load_frozen(job["student"])
     prompts = [e.prompt for e in held_out_examples(task, job["eval_prompts"], job["seeds"][0])]
     out = {"setting": job["setting"], "teacher_params": num_parameters(teacher),
            "student_params": num_parameters(student),

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from opd_mini.config import TrainConfig, run_cli
+from opd_mini.demo import load_frozen
 
 #: The teacher versions, in the order they are reported: full precision first (the reference).
 VERSIONS = ("none", "8bit", "4bit")
@@ -166,14 +167,6 @@ def _quiet() -> None:
     _quiet_main()
 
 
-def _load(path: str):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
-    model.requires_grad_(False)
-    return model
-
-
 def compare_job(job: dict) -> dict:
     """The fidelity comparison of :func:`compare_teachers` on the setting's held-out prompts."""
     from transformers import AutoTokenizer
@@ -184,7 +177,7 @@ def compare_job(job: dict) -> dict:
     _quiet()
     task = get_task(job["task"])
     examples = held_out_examples(task, job["prompts"], job["seed"])
-    out = compare_teachers(job["teacher"], _load(job["student"]), AutoTokenizer.from_pretrained(job["tokenizer"]),
+    out = compare_teachers(job["teacher"], load_frozen(job["student"]), AutoTokenizer.from_pretrained(job["tokenizer"]),
                            [e.prompt for e in examples], task=task, examples=examples, max_new_tokens=job["max_new_tokens"],
                            seed=job["seed"])
     return {"kind": "compare", "prompts": job["prompts"], "samples_per_prompt": SAMPLES, "seed": job["seed"], **out}
@@ -210,8 +203,8 @@ def run_job(job: dict) -> dict:
         raise ValueError(f"{job['version']} teacher / seed {cfg.seed}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     prompts = [e.prompt for e in held_out_examples(get_task(cfg.task), cfg.eval_prompts, cfg.seed)]
-    teacher = _load(cfg.teacher)  # full precision, whatever the run trained with
-    kl = {name: kl_to_teacher(_load(path), teacher, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+    teacher = load_frozen(cfg.teacher)  # full precision, whatever the run trained with
+    kl = {name: kl_to_teacher(load_frozen(path), teacher, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                               seed=held_out_seed(cfg.seed) + 7)
           for name, path in (("start", cfg.student), ("final", str(Path(summary["checkpoint"]) / "model")))}
     return {"kind": "run", "version": job["version"], "seed": cfg.seed,
