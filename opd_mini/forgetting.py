@@ -491,6 +491,9 @@ def start_point(paths: dict, expert: str, a_task: str, b_task: str, eval_prompts
     from opd_mini.eval import evaluate
     from opd_mini.tasks import get_task
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a measurement, not the user's run: no "Loading weights" bars
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     kw = dict(num_prompts=eval_prompts, num_samples=4, k=1, max_new_tokens=TRANSFER_RUN["max_new_tokens"], seed=0)
     student = AutoModelForCausalLM.from_pretrained(paths["student"]).eval()
@@ -537,8 +540,8 @@ def run_experiment(args: argparse.Namespace) -> int:
         raise ValueError("--seeds and --lrs need at least one value each")
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"--seeds must be distinct integers >= 0; got {args.seeds!r}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None:
+        TrainConfig(steps=args.steps)  # a bad value stops here, before anything loads
     parts = parse_names(args.parts, PARTS, "parts")
     if "recovery" in parts and "retention" not in parts:
         raise ValueError("--parts recovery needs retention too (it starts from the post-B sft adapters)")

@@ -262,7 +262,8 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             out = evaluate_task(eval_task, retention_task)
         else:
             per = {t.name: evaluate_task(t, retention_task if i == 0 else None) for i, (t, _) in enumerate(eval_task.parts)}
-            out = {k: sum(r[k] for r in per.values()) / len(per) for k in next(iter(per.values())) if "retention" not in k}
+            shared = [k for k in next(iter(per.values())) if "retention" not in k and all(k in r for r in per.values())]
+            out = {k: sum(r[k] for r in per.values()) / len(per) for k in shared}  # a KL only where every task has a teacher
             out.update({k: v for k, v in per[eval_task.parts[0][0].name].items() if "retention" in k})
             out.update({f"{k}/{name}": r[k] for name, r in per.items() for k in PER_TASK_EVAL_KEYS if k in r})
         return {**out, "time/eval": time.perf_counter() - t0}

@@ -15,7 +15,11 @@ The kinds of training data:
   samples still take the direct path (a teacher trained like this knows how to repair a mistake);
 * ``noisy``: every answer character is replaced, with probability ``p``, by a random other character
   of the answer alphabet: a teacher whose greedy answer is right but whose samples are often wrong,
-  with the errors spread over many wrong continuations.
+  with the errors spread over many wrong continuations;
+* ``privileged``: clean answers, but with probability ``p`` the prompt is the privileged one,
+  :data:`PRIVILEGED_TEMPLATE` filled with the example (the answer is in it): a model that has seen a
+  little of such prompts, so that behind one it can read the answer off (the start of on-policy
+  self-distillation with privileged context, :mod:`opd_mini.opsd`).
 
 Command line (builds, or finds cached, every setting's pair and prints what it measured)::
 
@@ -49,6 +53,8 @@ from opd_mini.tiny import build_char_tokenizer, build_tiny_model, ensure_tiny_mo
 WORLDS_VERSION = 1
 #: Shipped pairs (regenerate with ``python -m opd_mini.worlds --write-assets``).
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "worlds"
+#: The privileged prompt of the ``privileged`` data kind (a ``teacher_template``: the example's fields).
+PRIVILEGED_TEMPLATE = "{prompt} (the answer is {answer})"
 
 
 @dataclass
@@ -57,7 +63,7 @@ class Recipe:
 
     size: str = "teacher"                      # a key of TINY_SIZES
     config: dict = field(default_factory=dict)  # overrides of that architecture
-    data: str = "clean"                        # clean | repair | noisy
+    data: str = "clean"                        # clean | repair | noisy | privileged
     p: float = 0.0                             # probability of the repair prefix / of a noisy character
     lr: float = 3e-3
     batch_size: int = 64
@@ -72,6 +78,8 @@ class Recipe:
     mix_fraction: float = 0.0
     mix_min_sampled: float | None = None
     mix_max_sampled: float | None = None
+    # data "privileged": a lower bound on the sampled pass@1 behind the privileged prompt
+    privileged_min_sampled: float | None = None
 
 
 @dataclass
@@ -120,6 +128,26 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
               "3 % of its data; pass@1 between 0.1 and 0.6): the start of the forgetting experiment, where it "
               "learns B from the walk expert (the compounding setting's teacher)",
     ),
+    Setting(
+        name="privileged", task="walk:10", max_new_tokens=12,
+        teacher=Recipe(), teacher_of="compounding",
+        student=Recipe(size="student", data="privileged", p=0.8, lr=3e-3, check_every=20, min_sampled=0.3,
+                       max_sampled=0.45, privileged_min_sampled=0.6),
+        about="a walk student like the compounding setting's (sampled pass@1 between 0.3 and 0.45), but four fifths of "
+              "its warm-up prompts were privileged ('{prompt} (the answer is {answer})'): behind such a prompt its "
+              "sampled pass@1 is at least 0.6 (on-policy self-distillation with privileged context, opd_mini.opsd)",
+    ),
+    Setting(
+        name="experts", task="add:2", max_new_tokens=8,
+        teacher=Recipe(data="clean", lr=5e-3, batch_size=128, max_steps=3000, check_every=50, min_greedy=0.98,
+                       min_sampled=0.95),
+        student=Recipe(size="student", data="clean", mix_task="reverse:5", mix_fraction=0.5, lr=3e-3, max_steps=3000,
+                       check_every=10, min_sampled=0.2, mix_min_sampled=0.2),
+        about="an addition expert (add:2, sampled pass@1 >= 0.95) and a small student trained on both tasks (half of "
+              "its data reverse:5) until its sampled pass@1 on addition reaches 0.2; reversal is learned much sooner, "
+              "so it knows reversal well and addition weakly: the start of the merging-experts experiment "
+              "(opd_mini.experts), whose reversal expert is the counter_example teacher",
+    ),
 ]}
 
 
@@ -145,6 +173,10 @@ def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[
         noisy = ["".join(rng.choice([a for a in alphabet if a != ch]) if rng.random() < recipe.p else ch
                          for ch in e.answer) for e in examples]
         return prompts, noisy, [0] * n
+    if recipe.data == "privileged":
+        privileged = [PRIVILEGED_TEMPLATE.format(prompt=e.prompt, answer=e.answer) if rng.random() < recipe.p
+                      else e.prompt for e in examples]
+        return privileged, [e.answer for e in examples], [0] * n
     if recipe.data == "repair":
         if not isinstance(task, WalkTask):
             raise ValueError(f"data 'repair' needs a walk task, got {task.name}")
@@ -155,7 +187,7 @@ def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[
             completions.append(prefix + ("R" if goal > pos else "L") * abs(goal - pos))
             skip.append(len(prefix))
         return prompts, completions, skip
-    raise ValueError(f"unknown data kind {recipe.data!r}; choose clean, repair or noisy")
+    raise ValueError(f"unknown data kind {recipe.data!r}; choose clean, repair, noisy or privileged")
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,10 +197,11 @@ def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[
 
 @torch.no_grad()
 def accuracies(model, tokenizer, task: Task, *, max_new_tokens: int, n: int = 256, samples: int = 4,
-               seed: int = 10_000) -> dict[str, float]:
-    """Greedy accuracy and sampled pass@1 (temperature 1, ``samples`` per prompt) on ``n`` held-out prompts."""
+               seed: int = 10_000, template: str = "{prompt}") -> dict[str, float]:
+    """Greedy accuracy and sampled pass@1 (temperature 1, ``samples`` per prompt) on ``n`` held-out prompts
+    (shown through ``template``, e.g. :data:`PRIVILEGED_TEMPLATE`)."""
     examples = task.examples(n, seed=seed, split="eval")
-    prompts = [e.prompt for e in examples]
+    prompts = [template.format(prompt=e.prompt, answer=e.answer) for e in examples]
     greedy = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = sample(model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
                      temperature=1.0, seed=seed)
@@ -182,7 +215,8 @@ def _met(recipe: Recipe, acc: dict[str, float]) -> bool:
             and (recipe.min_sampled is None or acc["sampled"] >= recipe.min_sampled)
             and (recipe.max_sampled is None or acc["sampled"] <= recipe.max_sampled)
             and (recipe.mix_min_sampled is None or acc["mix_sampled"] >= recipe.mix_min_sampled)
-            and (recipe.mix_max_sampled is None or acc["mix_sampled"] <= recipe.mix_max_sampled))
+            and (recipe.mix_max_sampled is None or acc["mix_sampled"] <= recipe.mix_max_sampled)
+            and (recipe.privileged_min_sampled is None or acc["privileged_sampled"] >= recipe.privileged_min_sampled))
 
 
 def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tokens: int, seed: int = 0,
@@ -217,6 +251,9 @@ def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tok
                 if recipe.mix_task:
                     mixed = accuracies(model, tokenizer, get_task(recipe.mix_task), max_new_tokens=max_new_tokens)
                     acc.update(mix_greedy=mixed["greedy"], mix_sampled=mixed["sampled"])
+                if recipe.data == "privileged":
+                    shown = accuracies(model, tokenizer, task, max_new_tokens=max_new_tokens, template=PRIVILEGED_TEMPLATE)
+                    acc.update(privileged_greedy=shown["greedy"], privileged_sampled=shown["sampled"])
                 checks.append({"step": step, **acc})
                 bar.set_postfix(loss=f"{loss.item():.3f}", greedy=f"{acc['greedy']:.2f}", sampled=f"{acc['sampled']:.2f}")
                 if _met(recipe, acc):

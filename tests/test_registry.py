@@ -265,4 +265,5 @@ def test_import_graph_has_no_cycle_and_no_private_imports():
     for name in ("sampler", "student", "teacher"):
         assert "opd_mini.forward" in graph[f"opd_mini.{name}"]
         assert not graph[f"opd_mini.{name}"] & {"opd_mini.sampler", "opd_mini.student", "opd_mini.teacher"}, name
-    assert {name for name, deps in graph.items() if "opd_mini.train" in deps} <= {"opd_mini.ablate", "opd_mini.demo", "opd_mini.fidelity", "opd_mini.forgetting"}
+    commands = {f"opd_mini.{n}" for n in ("ablate", "demo", "experts", "fidelity", "forgetting", "opsd")}
+    assert {name for name, deps in graph.items() if "opd_mini.train" in deps} <= commands

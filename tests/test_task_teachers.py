@@ -235,3 +235,14 @@ def test_a_teacher_that_would_read_other_tokens_stops_the_run_before_any_update(
     assert not (out / "checkpoints").exists() and not [r for r in read_log(out) if "optim/grad_norm" in r]
     # the same teacher with the check switched off trains
     assert main(loop_args(tiny_student_dir, str(teacher), tmp_path / "run2", check_tokenizers="false")) == 0
+
+
+def test_a_mixed_evaluation_with_a_teacher_for_only_some_tasks_reports_the_kl_where_there_is_one(
+        tiny_model_dir, tiny_student_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(loop_args(tiny_student_dir, "tiny", out, task="reverse:3", teachers=f"reverse:3={tiny_model_dir}",
+                          eval_task="reverse:3+add:1")) == 0
+    first = read_log(out)[0]
+    assert "eval/kl_reverse/reverse:3" in first and "eval/kl_reverse/add:1" not in first
+    assert "eval/kl_reverse" not in first  # no mean over tasks of which one has no teacher
+    assert first["eval/pass@1"] == pytest.approx((first["eval/pass@1/reverse:3"] + first["eval/pass@1/add:1"]) / 2)

@@ -1,0 +1,520 @@
+"""On-policy self-distillation with privileged context (OPSD) against plain OPD and SFT, on a tiny walker.
+
+    python -m opd_mini.opsd [--quick] [--seeds 0,1,2] [--steps N] [--workers 2] [--out runs/opsd]
+
+In OPSD the teacher is the student itself, but its prompt holds privileged information: here the
+reference answer, through the template ``'{prompt} (the answer is {answer})'``
+(:data:`opd_mini.worlds.PRIVILEGED_TEMPLATE`). It scores the student's own rollout behind that prompt. With
+a LoRA student and ``--teacher self`` the teacher is the adapter-disabled base: no second copy.
+
+**Does the base use the privileged prompt at all?** A tiny model never trained with such prompts ignores
+them, or worse: the ``compounding`` walk student's sampled pass@1 falls from 0.3-0.4 behind its own
+prompt to under 0.1 behind the privileged one (measured again by every run of this command and
+written to the JSON). So the student here is the ``privileged`` setting's (:mod:`opd_mini.worlds`): a
+walk student warm-started like the compounding one, but with four fifths of its warm-up prompts
+privileged; behind the privileged prompt its pass@1 is well above its plain one.
+
+The methods, through the same loop (:func:`opd_mini.train.train`), from the same LoRA start, with the same
+optimiser, learning rate and budget:
+
+================  ===================================================================================
+``opsd``          sampled-token reverse KL; the teacher is the student's base behind the privileged prompt
+``opsd_clipped``  the same, with the per-token log-ratio r_t clipped to [−c, c] (``clip_log_ratio``)
+``opd``           sampled-token reverse KL from a separate teacher, the compounding setting's walk expert
+``sft``           SFT on that teacher's samples
+================  ===================================================================================
+
+Reported per method, mean ± std over seeds, on ``n`` temperature-1 samples per prompt of the final student:
+pass@1, pass@k, the student's mean per-token entropy on its samples, **diversity** (distinct completions
+per prompt, out of n), and **where the per-token KL concentrates**: the share of Σ r_t, r_t = log π(y_t) −
+log q(y_t) on the student's samples (q = the method's own teacher; for ``sft`` the expert), by completion
+position and by token kind (answer characters, EOS, other), at the start (π₀) and at the end. The sum of
+r_t over the samples is the sampled estimate of the sequence-level reverse KL, so a position's share is
+its part of that estimate (a share can be negative: q may like the sampled tokens there better than π
+does); the shares of Σ |r_t| are given beside them.
+
+``walk:10`` has only 90 distinct prompts, so the measured prompts are also training prompts.
+
+Writes ``OUT/opsd.json`` and ``OUT/opsd.png``; prints the Markdown table. Runs go to ``OUT/runs`` in
+``--workers`` processes, one torch thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opd_mini.config import TrainConfig, run_cli
+
+#: The per-token clipping of ``opsd_clipped``: r_t is clipped to [−CLIP, CLIP] (chosen before any run).
+CLIP = 1.0
+#: The methods: name -> the TrainConfig fields that make it ({teacher} = the separate teacher's path,
+#: {template} = the privileged prompt).
+METHODS: dict[str, dict] = {
+    "opsd": dict(loss="reverse_kl_sampled", teacher="self", teacher_template="{template}"),
+    "opsd_clipped": dict(loss="reverse_kl_sampled", teacher="self", teacher_template="{template}",
+                         clip_log_ratio=CLIP),
+    "opd": dict(loss="reverse_kl_sampled", teacher="{teacher}"),
+    "sft": dict(loss="sft", teacher="{teacher}"),
+}
+SETTING, TASK = "privileged", "walk:10"
+#: The control: a student that never saw privileged prompts (does the privileged prompt help it?).
+CONTROL_SETTING = "compounding"
+SCALES: dict[str, dict] = {
+    "full": dict(steps=60, eval_every=10, eval_prompts=64, measure_prompts=64),
+    "quick": dict(steps=6, eval_every=6, eval_prompts=16, measure_prompts=16),
+}
+#: Samples per prompt of the final measurements, and the k of pass@k.
+SAMPLES, K = 8, 4
+RUN = dict(lora=True, lr=3e-3, warmup_steps=5, task=TASK, max_new_tokens=12, prompts_per_step=16, num_generations=4,
+           eval_samples=4, pass_k=4, threads=1, save_every=0, progress=False, device="cpu", dtype="float32",
+           divergence_factor=0.0)
+#: Token kinds of the KL-concentration measure, in index order.
+KINDS = ("answer", "eos", "other")
+
+
+# --------------------------------------------------------------------------------------------
+# the measures (pure functions; the tests check them against brute force)
+# --------------------------------------------------------------------------------------------
+
+
+def distinct_per_prompt(completions: list[str], prompt_index: list[int]) -> float:
+    """Diversity: the mean over prompts of the number of distinct completions among that prompt's samples."""
+    seen: dict[int, set] = {}
+    for i, c in zip(prompt_index, completions):
+        seen.setdefault(int(i), set()).add(c)
+    return sum(len(s) for s in seen.values()) / len(seen)
+
+
+def log_ratio_shares(r_BT: torch.Tensor, mask_BT: torch.Tensor, group_BT: torch.Tensor, num_groups: int) -> dict:
+    """How the masked per-token log-ratios r_t split over groups (positions, token kinds ...).
+
+    Returns lists of length ``num_groups``: ``sum`` (Σ r_t of the group), ``abs_sum`` (Σ |r_t|), ``count``
+    (tokens), ``share`` (sum / Σ r_t over all groups; 0 when that total is 0) and ``abs_share``
+    (abs_sum / Σ |r_t|)."""
+    r, g = r_BT[mask_BT].double(), group_BT[mask_BT].long()
+    sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, r)
+    abs_sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, g, r.abs())
+    counts = torch.bincount(g, minlength=num_groups)
+    total, abs_total = float(sums.sum()), float(abs_sums.sum())
+    return {"sum": sums.tolist(), "abs_sum": abs_sums.tolist(), "count": counts.tolist(),
+            "share": [float(s) / total if total else 0.0 for s in sums],
+            "abs_share": [float(s) / abs_total if abs_total else 0.0 for s in abs_sums]}
+
+
+def token_kinds(completion_ids_BT: torch.Tensor, answer_ids: set[int], eos_id: int) -> torch.Tensor:
+    """(B, T) index into :data:`KINDS`: 0 a character of the task's answers, 1 EOS, 2 anything else."""
+    kinds = torch.full_like(completion_ids_BT, 2)
+    kinds[torch.isin(completion_ids_BT, torch.tensor(sorted(answer_ids), dtype=completion_ids_BT.dtype))] = 0
+    kinds[completion_ids_BT == eos_id] = 1
+    return kinds
+
+
+# --------------------------------------------------------------------------------------------
+# measuring one model
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure(model, tokenizer, task, examples: list, scorer, *, max_new_tokens: int, seed: int) -> dict:
+    """On :data:`SAMPLES` temperature-1 samples per prompt of ``model``: pass@1, pass@K, per-token entropy,
+    diversity, mean r_t per token and its split by position and token kind (``scorer(rollouts)`` gives
+    log q of the sampled tokens, (B, T))."""
+    from opd_mini.eval import pass_at_k
+    from opd_mini.forward import completion_logits
+    from opd_mini.sampler import sample
+
+    r = sample(model, tokenizer, [e.prompt for e in examples], num_generations=SAMPLES, max_new_tokens=max_new_tokens,
+               temperature=1.0, seed=seed, behaviour_logp="forward")
+    index = r.prompt_index.tolist()
+    rewards = torch.tensor(task.rewards(r.completions, [examples[i] for i in index])).view(len(examples), SAMPLES)
+    correct = rewards.sum(1).long().tolist()
+    mask = r.completion_mask
+    logp_BTV = torch.log_softmax(completion_logits(model, r, len(tokenizer)).float(), dim=-1)
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).nan_to_num(0.0).sum(-1)
+    r_BT = (r.behaviour_logp.float() - scorer(r).float().cpu()) * mask
+    answer_ids = {i for e in task.examples(256, seed=0) for i in tokenizer(e.answer, add_special_tokens=False)["input_ids"]}
+    return {
+        "pass@1": sum(pass_at_k(SAMPLES, c, 1) for c in correct) / len(correct),
+        f"pass@{K}": sum(pass_at_k(SAMPLES, c, K) for c in correct) / len(correct),
+        "entropy": float(entropy_BT[mask].mean()), "diversity": distinct_per_prompt(r.completions, index),
+        "kl": float(r_BT[mask].sum() / mask.sum()), "completion_len": float(mask.sum(1).float().mean()),
+        "by_position": log_ratio_shares(r_BT, mask, torch.arange(r_BT.shape[1]).expand_as(r_BT), max_new_tokens),
+        "by_kind": log_ratio_shares(r_BT, mask, token_kinds(r.completion_ids, answer_ids, tokenizer.eos_token_id),
+                                    len(KINDS)),
+    }
+
+
+def privileged_scorer(model, tokenizer, examples: list, template: str, *, disable_adapter: bool):
+    """log q of the sampled tokens, q = ``model`` (its base, with ``disable_adapter``) behind the privileged prompt."""
+    from opd_mini.sampler import with_prompts
+    from opd_mini.teacher import score
+
+    prompts = [template.format(prompt=e.prompt, answer=e.answer) for e in examples]
+    return lambda r: score(model, with_prompts(r, tokenizer, prompts), vocab_size=len(tokenizer),
+                           disable_adapter=disable_adapter).sampled_logp
+
+
+def model_scorer(model, tokenizer):
+    """log q of the sampled tokens, q = ``model`` behind the student's own prompt."""
+    from opd_mini.teacher import score
+
+    return lambda r: score(model, r, vocab_size=len(tokenizer)).sampled_logp
+
+
+@torch.no_grad()
+def privileged_check(path: str, tokenizer, task, examples: list, template: str, *, max_new_tokens: int,
+                     seed: int = 0) -> dict:
+    """Does the model behind the privileged prompt score the right answer higher? Mean log-prob of the
+    reference answer (EOS included), the fraction of prompts where it is higher behind the privileged prompt,
+    and sampled pass@1 (4 samples per prompt) behind each prompt."""
+    from opd_mini.demo import load_frozen
+    from opd_mini.sampler import build_rollouts, sample
+
+    model = load_frozen(path)
+    out, logps = {}, {}
+    for name, tmpl in (("plain", "{prompt}"), ("privileged", template)):
+        prompts = [tmpl.format(prompt=e.prompt, answer=e.answer) for e in examples]
+        logps[name] = model_scorer(model, tokenizer)(build_rollouts(tokenizer, prompts, [e.answer for e in examples])).sum(1)
+        s = sample(model, tokenizer, prompts, num_generations=4, max_new_tokens=max_new_tokens, seed=seed)
+        out[f"{name}_answer_logp"] = float(logps[name].mean())
+        out[f"{name}_pass@1"] = sum(task.rewards(s.completions, [examples[i] for i in s.prompt_index.tolist()])) / len(
+            s.completions)
+    out["answer_logp_higher_frac"] = float((logps["privileged"] > logps["plain"]).float().mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# one run (a worker process)
+# --------------------------------------------------------------------------------------------
+
+
+def run_job(job: dict) -> dict:
+    """Train one (method, seed), then measure the start model and the final one against the method's teacher."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from opd_mini.demo import load_frozen, quiet_worker
+    from opd_mini.eval import held_out_examples
+    from opd_mini.tasks import get_task
+    from opd_mini.train import train
+
+    quiet_worker()
+    cfg = TrainConfig(**job["config"])
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the experiment owns its run directories
+    summary = train(cfg)
+    log = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines() if line.strip()]
+    clip = [r["opd/clip_frac"] for r in log if "opd/clip_frac" in r]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    task = get_task(cfg.task)
+    examples = held_out_examples(task, job["measure_prompts"], cfg.seed)
+    start = load_frozen(cfg.student)
+    end = PeftModel.from_pretrained(load_frozen(cfg.student), str(Path(summary["checkpoint"]) / "model")).eval()
+    if cfg.teacher == "self":
+        q_start = privileged_scorer(start, tokenizer, examples, cfg.teacher_template, disable_adapter=False)
+        q_end = privileged_scorer(end, tokenizer, examples, cfg.teacher_template, disable_adapter=True)
+    else:
+        teacher = load_frozen(cfg.teacher)
+        q_start = q_end = model_scorer(teacher, tokenizer)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return {"method": job["method"], "seed": cfg.seed,
+            "steps": [h["step"] for h in summary["eval_history"]],
+            "pass@1_curve": [h["eval/pass@1"] for h in summary["eval_history"]],
+            "clip_frac": sum(clip) / len(clip) if clip else None, "train_s": summary["train_time_s"],
+            "start": measure(start, tokenizer, task, examples, q_start, **kw),
+            "end": measure(end, tokenizer, task, examples, q_end, **kw)}
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation, claims, report
+# --------------------------------------------------------------------------------------------
+
+SCALARS = ("pass@1", f"pass@{K}", "entropy", "diversity", "kl", "completion_len")
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
+
+
+def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
+    """One entry per method: per-seed values of every scalar at start and end, the per-seed shares of Σ r_t
+    (and Σ |r_t|) by position and kind, and the pass@1 curves."""
+    out = []
+    for name in methods:
+        mine = sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"])
+        entry = {"method": name, "seeds": [r["seed"] for r in mine], "steps": mine[0]["steps"],
+                 "pass@1_curves": [r["pass@1_curve"] for r in mine], "clip_frac": [r["clip_frac"] for r in mine],
+                 "train_s": [r["train_s"] for r in mine]}
+        for when in ("start", "end"):
+            entry[when] = {k: [r[when][k] for r in mine] for k in SCALARS}
+            for split in ("by_position", "by_kind"):
+                entry[when][split] = {k: [r[when][split][k] for r in mine] for k in ("share", "abs_share", "count")}
+        out.append(entry)
+    return out
+
+
+def _m(entry: dict, when: str, key: str) -> float:
+    return mean_sd(entry[when][key])[0]
+
+
+def _share(entry: dict, when: str, split: str, i: int, key: str = "share") -> float:
+    return mean_sd([s[i] for s in entry[when][split][key]])[0]
+
+
+def claims(result: dict) -> dict:
+    """What the run measured, as checks (each holds or not; nothing is tuned to make one hold)."""
+    by = {e["method"]: e for e in result["methods"]}
+    chk, ctl = result["privileged_check"]["student"], result["privileged_check"]["control"]
+    out = {"privileged_prompt_helps_the_student_not_the_control": {
+        "holds": chk["privileged_pass@1"] > chk["plain_pass@1"] and ctl["privileged_pass@1"] < ctl["plain_pass@1"],
+        "student": [chk["plain_pass@1"], chk["privileged_pass@1"]], "control": [ctl["plain_pass@1"], ctl["privileged_pass@1"]]}}
+    out["opsd_improves_pass@1_every_seed"] = {
+        "holds": all(b > a for a, b in zip(by["opsd"]["start"]["pass@1"], by["opsd"]["end"]["pass@1"])),
+        "start": by["opsd"]["start"]["pass@1"], "end": by["opsd"]["end"]["pass@1"]}
+    out["opsd_diversity_drops_every_seed"] = {
+        "holds": all(b < a for a, b in zip(by["opsd"]["start"]["diversity"], by["opsd"]["end"]["diversity"])),
+        "start": by["opsd"]["start"]["diversity"], "end": by["opsd"]["end"]["diversity"]}
+    out["opd_beats_opsd_pass@1"] = {"holds": _m(by["opd"], "end", "pass@1") > _m(by["opsd"], "end", "pass@1"),
+                                    "opd": _m(by["opd"], "end", "pass@1"), "opsd": _m(by["opsd"], "end", "pass@1")}
+    eos = KINDS.index("eos")
+    out["opsd_kl_share_on_eos_exceeds_its_token_share_at_start"] = {
+        "holds": _share(by["opsd"], "start", "by_kind", eos) > _token_share(by["opsd"], "start", eos),
+        "kl_share": _share(by["opsd"], "start", "by_kind", eos), "token_share": _token_share(by["opsd"], "start", eos)}
+    return out
+
+
+def _token_share(entry: dict, when: str, kind: int) -> float:
+    return mean_sd([c[kind] / sum(c) for c in entry[when]["by_kind"]["count"]])[0]
+
+
+def _cell(xs: list[float], digits: int = 3) -> str:
+    m, sd = mean_sd(xs)
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def table(result: dict) -> str:
+    """The Markdown table: one row for the start, one per method."""
+    n, kinds = result["samples"], result["kinds"]
+    head = (f"| method | pass@1 | pass@{K} | entropy (nats/token) | distinct / {n} | KL per token (start → end) | "
+            + " | ".join(f"share of Σr on {k} (start → end)" for k in kinds) + " |")
+    lines = [head, "|---" * (6 + len(kinds)) + "|"]
+    first = result["methods"][0]
+    lines.append(f"| start (π₀) | {_cell(first['start']['pass@1'])} | {_cell(first['start'][f'pass@{K}'])} | "
+                 f"{_cell(first['start']['entropy'])} | {_cell(first['start']['diversity'], 2)} | "
+                 + " | ".join(["—"] * (1 + len(kinds))) + " |")
+    for e in result["methods"]:
+        shares = " | ".join(f"{_share(e, 'start', 'by_kind', i):.2f} → {_share(e, 'end', 'by_kind', i):.2f}"
+                            for i in range(len(kinds)))
+        lines.append(f"| {e['method']} | {_cell(e['end']['pass@1'])} | {_cell(e['end'][f'pass@{K}'])} | "
+                     f"{_cell(e['end']['entropy'])} | {_cell(e['end']['diversity'], 2)} | "
+                     f"{_cell(e['start']['kl'])} → {_cell(e['end']['kl'])} | {shares} |")
+    return "\n".join(lines)
+
+
+def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
+    """The README's OPSD block, generated from opsd.json."""
+    chk, ctl = result["privileged_check"]["student"], result["privileged_check"]["control"]
+    c = result["claims"]
+    word = lambda name: "holds" if c[name]["holds"] else "does not hold"  # noqa: E731
+    by = {e["method"]: e for e in result["methods"]}
+    peak = lambda e, when: max(range(len(e[when]["by_position"]["share"][0])),  # noqa: E731
+                               key=lambda t: _share(e, when, "by_position", t))
+    lines = [
+        f"On-policy self-distillation with privileged context (`python -m opd_mini.opsd`; `{results_dir}/opsd.json`): "
+        f"the teacher is the student's own base behind the prompt `{result['template']}`. First, does the base read "
+        f"the privileged prompt? A walk student that never saw such prompts does not: its sampled pass@1 goes from "
+        f"{ctl['plain_pass@1']:.3f} behind its own prompt to {ctl['privileged_pass@1']:.3f} behind the privileged one "
+        f"(log-prob of the reference answer {ctl['plain_answer_logp']:.2f} → {ctl['privileged_answer_logp']:.2f}). "
+        f"So the student is the `privileged` setting's, warm-started with four fifths of its prompts privileged: "
+        f"{chk['plain_pass@1']:.3f} → {chk['privileged_pass@1']:.3f} (answer log-prob {chk['plain_answer_logp']:.2f} → "
+        f"{chk['privileged_answer_logp']:.2f}, higher on {chk['answer_logp_higher_frac']:.0%} of prompts). "
+        f"LoRA, {result['steps']} steps × {result['run']['prompts_per_step'] * result['run']['num_generations']} "
+        f"sequences, lr {result['run']['lr']:g}, {len(result['seeds'])} seeds; the final student measured on "
+        f"{result['measure_prompts']} prompts × {result['samples']} samples; mean ± std over seeds; `opsd_clipped` clips "
+        f"r_t to [−{result['clip']:g}, {result['clip']:g}]; `opd` and `sft` learn from the walk expert "
+        f"(pass@1 {result['teacher_pass@1']:.3f}). The last columns: the share of Σ r_t (r_t = log π − log q on the "
+        f"student's samples, q the method's teacher) on each token kind, at the start and at the end:", "",
+        table(result), "",
+        "Where the KL sits by position: the largest share of Σ r_t is at completion token "
+        + "; ".join(f"{e['method']} {peak(e, 'start')} → {peak(e, 'end')}" for e in result["methods"])
+        + " (start → end; EOS is "
+        + f"{_token_share(by['opsd'], 'start', KINDS.index('eos')):.0%} of π₀'s tokens). "
+        f"OPSD improves pass@1 in every seed: **{word('opsd_improves_pass@1_every_seed')}**; OPSD's diversity "
+        f"drops in every seed: **{word('opsd_diversity_drops_every_seed')}**; plain OPD from the expert ends above "
+        f"OPSD: **{word('opd_beats_opsd_pass@1')}**; at the start OPSD's KL on EOS exceeds EOS's share of the tokens: "
+        f"**{word('opsd_kl_share_on_eos_exceeds_its_token_share_at_start')}**. Clipping touched "
+        f"{mean_sd([x for x in by['opsd_clipped']['clip_frac'] if x is not None] or [0.0])[0]:.1%} of the tokens.",
+        "", f"![OPSD, OPD and SFT: pass@1, diversity and where the KL sits]({results_dir}/opsd.png)"]
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: Path) -> None:
+    """Four panels: pass@1 against steps (the two teachers' pass@1 dotted); pass@1, pass@k and diversity at the end; the share of Σ r_t by
+    completion position, start (dashed) and end; the share by token kind, start and end."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    colors = {e["method"]: f"C{i}" for i, e in enumerate(methods)}
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+    a = ax[0][0]
+    for e in methods:
+        curves = torch.tensor(e["pass@1_curves"])
+        mu, sd = curves.mean(0), (curves.std(0) if len(curves) > 1 else torch.zeros(curves.shape[1]))
+        a.plot(e["steps"], mu, color=colors[e["method"]], label=e["method"], lw=1.6)
+        a.fill_between(e["steps"], mu - sd, mu + sd, color=colors[e["method"]], alpha=0.15)
+    a.axhline(result["teacher_pass@1"], color="k", ls=":", lw=1, label="walk expert (opd, sft's teacher)")
+    a.axhline(result["privileged_check"]["student"]["privileged_pass@1"], color=colors["opsd"], ls=":", lw=1,
+              label="π₀ behind the privileged prompt (opsd's teacher)")
+    a.set(xlabel="step", ylabel="pass@1 (eval, 4 samples)", title="learning curves", ylim=(0, 1.02))
+    a.legend(frameon=False, fontsize=8)
+
+    a = ax[0][1]
+    keys = ("pass@1", f"pass@{K}", "diversity")
+    names = ["start"] + [e["method"] for e in methods]
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        e, when = (methods[0], "start") if name == "start" else (next(m for m in methods if m["method"] == name), "end")
+        vals = [mean_sd(e[when][k])[0] / (result["samples"] if k == "diversity" else 1) for k in keys]
+        sds = [mean_sd(e[when][k])[1] / (result["samples"] if k == "diversity" else 1) for k in keys]
+        a.bar([i + j * width for i in range(len(keys))], vals, width, yerr=sds, label=name,
+              color="0.6" if name == "start" else colors[name])
+    a.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(keys))],
+                 ["pass@1", f"pass@{K}", f"distinct / {result['samples']}"])
+    a.set(title="the final student (± std over seeds)", ylim=(0, 1.05))
+    a.legend(frameon=False, fontsize=8, ncol=2)
+
+    a = ax[1][0]
+    for e in methods:
+        T = len(e["end"]["by_position"]["share"][0])
+        for when, ls in (("start", "--"), ("end", "-")):
+            a.plot(range(T), [_share(e, when, "by_position", t) for t in range(T)], ls=ls, color=colors[e["method"]],
+                   marker="o", ms=3, label=f"{e['method']} ({when})" if when == "end" else None, alpha=0.9)
+    a.axhline(0, color="k", lw=0.6)
+    a.set(xlabel="completion token index", ylabel="share of Σ r_t", title="where the KL sits: position (dashed = start)")
+    a.legend(frameon=False, fontsize=8)
+
+    a = ax[1][1]
+    labels = []
+    for i, e in enumerate(methods):
+        for j, when in enumerate(("start", "end")):
+            x = i * 2.6 + j
+            pos = neg = 0.0
+            for k, kind in enumerate(result["kinds"]):
+                v = _share(e, when, "by_kind", k)
+                a.bar(x, v, 0.9, bottom=pos if v >= 0 else neg, color=f"C{k + 4}",
+                      label=kind if i == 0 and j == 0 else None, edgecolor="k" if when == "end" else "none")
+                pos, neg = (pos + v, neg) if v >= 0 else (pos, neg + v)
+            labels.append((x, f"{e['method'].replace('_', chr(10))}\n{when}"))
+    a.set_xticks([x for x, _ in labels], [t for _, t in labels], fontsize=7)
+    a.axhline(0, color="k", lw=0.6)
+    a.set(ylabel="share of Σ r_t", title="where the KL sits: token kind (outlined = end)")
+    a.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from opd_mini.demo import parse_names, run_pool
+    from opd_mini.eval import held_out_examples
+    from opd_mini.tasks import get_task
+    from opd_mini.worlds import PRIVILEGED_TEMPLATE, accuracies, ensure_setting
+
+    scale = SCALES["quick" if args.quick else "full"]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds needs distinct integers >= 0, at least one, e.g. 0,1,2; got {args.seeds!r}")
+    steps = scale["steps"] if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    methods = parse_names(args.methods, METHODS, "methods") if args.methods else list(METHODS)
+    if "opsd" not in methods:
+        raise ValueError("--methods must include opsd (the experiment's subject)")
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    paths = ensure_setting(SETTING, progress=False)
+    control = ensure_setting(CONTROL_SETTING, progress=False)
+    names = {"teacher": paths["teacher"], "template": PRIVILEGED_TEMPLATE}
+    jobs = []
+    for name in methods:
+        fields = {k: (v.format(**names) if isinstance(v, str) else v) for k, v in METHODS[name].items()}
+        for seed in seeds:
+            config = {**TrainConfig().to_dict(), **RUN, **fields, "student": paths["student"],
+                      "tokenizer": paths["tokenizer"], "seed": seed, "steps": steps,
+                      "eval_every": min(scale["eval_every"], steps), "eval_prompts": scale["eval_prompts"],
+                      "out_dir": str(out / "runs" / f"{name}-seed{seed}")}
+            TrainConfig(**config).validate()  # bad values stop here, before any run
+            jobs.append({"method": name, "config": config, "measure_prompts": scale["measure_prompts"]})
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    task = get_task(TASK)
+    examples = held_out_examples(task, scale["measure_prompts"], seeds[0])
+    torch.set_num_threads(1)
+    check = {role: privileged_check(p, tokenizer, task, examples, PRIVILEGED_TEMPLATE, max_new_tokens=RUN["max_new_tokens"])
+             for role, p in (("student", paths["student"]), ("control", control["student"]))}
+    from opd_mini.demo import load_frozen
+
+    teacher_acc = accuracies(load_frozen(paths["teacher"]), tokenizer, task, max_new_tokens=RUN["max_new_tokens"],
+                             n=scale["measure_prompts"])["sampled"]
+    print(f"opsd: {len(methods)} method(s) × {len(seeds)} seed(s) = {len(jobs)} runs of {steps} steps in "
+          f"{args.workers} process(es)", file=sys.stderr)
+    runs = run_pool(run_job, jobs, args.workers, desc="opsd runs", progress=not args.no_progress)
+
+    result = {"scale": "quick" if args.quick else "full", "seeds": seeds, "steps": steps, "setting": SETTING,
+              "task": TASK, "template": PRIVILEGED_TEMPLATE, "clip": CLIP, "samples": SAMPLES, "k": K,
+              "kinds": list(KINDS), "measure_prompts": scale["measure_prompts"],
+              "run": {**RUN, "student": f"{SETTING} student (opd_mini.worlds)"},
+              "method_fields": {m: METHODS[m] for m in methods}, "teacher_pass@1": teacher_acc,
+              "privileged_check": check, "methods": aggregate(runs, methods)}
+    result["claims"] = claims(result) if set(METHODS) <= set(methods) else {}
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "opsd.json").write_text(json.dumps(result, indent=1) + "\n")
+    figure(result, out / "opsd.png")
+    print(table(result) + "\n")
+    if result["claims"]:
+        print(readme_section(result, str(out)) + "\n")
+    print(f"wall time {result['wall_s']:.0f} s; written: {out / 'opsd.json'}, {out / 'opsd.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from opd_mini.demo import experiment_parser
+
+    p = experiment_parser("python -m opd_mini.opsd", __doc__.split("\n\n")[0],
+                          "the small budget (under a minute; the tests use it)", "runs/opsd")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    args = p.parse_args(argv)
+    return run_cli(lambda: run_experiment(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
