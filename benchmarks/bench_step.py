@@ -115,7 +115,6 @@ def worker(args) -> dict:
 
     from opd_mini import losses, registry, sampler, teacher as teacher_lib
     from opd_mini.forward import completion_logits
-    from opd_mini.rollouts import MicroBatch
     from opd_mini.student import loss_and_backward
 
     torch.set_num_threads(args.threads)
@@ -139,31 +138,26 @@ def worker(args) -> dict:
                                   use_chat_template=False, method=args.sampler).to(args.device)
         t1 = time.perf_counter()
         mem.stop()
-        mask_BT = rollouts.completion_mask
+        mask_BT = rollouts.mask_BT
         mem.start("score")
         t2 = time.perf_counter()
         full = spec.signal == "full"
         if args.path == "naive":  # (B, T, V) teacher log-probs in one piece; top-K taken from them
-            signal = teacher_lib.score(teacher, rollouts, vocab_size=V, full=True, chunk_size=rollouts.completion_ids.shape[1])
+            batch = teacher_lib.score(teacher, rollouts, vocab_size=V, full=True, chunk_size=rollouts.tokens_BT.shape[1])
             if top_k:
-                signal.topk_logp, signal.topk_ids = signal.full_logp.topk(top_k, dim=-1)
+                batch.teacher_topk_logp_BTK, batch.teacher_topk_ids_BTK = batch.teacher_logp_BTV.topk(top_k, dim=-1)
         else:
-            signal = teacher_lib.score(teacher, rollouts, vocab_size=V, top_k=top_k, chunk_size=args.chunk,
-                                       full=full and args.path == "one-piece", keep_hidden=full and args.path == "chunked")
+            batch = teacher_lib.score(teacher, rollouts, vocab_size=V, top_k=top_k, chunk_size=args.chunk,
+                                      full=full and args.path == "one-piece", keep_hidden=full and args.path == "chunked")
         t3 = time.perf_counter()
         mem.stop()
         mem.start("student")
         t4 = time.perf_counter()
-        batch = MicroBatch(rollouts, registry.LossBatch(
-            tokens_BT=rollouts.completion_ids, mask_BT=mask_BT, num_tokens=int(mask_BT.sum()),
-            behaviour_logp_BT=rollouts.behaviour_logp, teacher_logp_BT=signal.sampled_logp,
-            teacher_topk_ids_BTK=signal.topk_ids, teacher_topk_logp_BTK=signal.topk_logp,
-            teacher_logp_BTV=signal.full_logp,
-            teacher_logp_fn=signal.full_logp_chunk if signal.hidden is not None else None))
+        batch = batch.replace(num_tokens=int(mask_BT.sum()))
         if args.path == "naive":  # full student log-softmax kept alongside the teacher's (B, T, V)
             logp_BTV = torch.log_softmax(completion_logits(student, rollouts, V).float(), dim=-1)
-            x = losses.token_logprobs(logp_BTV, rollouts.completion_ids) if spec.kind == "token" else logp_BTV
-            loss, _ = spec.fn(x, batch.inputs, opts)
+            x = losses.token_logprobs(logp_BTV, rollouts.tokens_BT) if spec.kind == "token" else logp_BTV
+            loss, _ = spec.fn(x, batch, opts)
             loss.backward()
             del logp_BTV, x
         else:
@@ -175,7 +169,7 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
         t5 = time.perf_counter()
         mem.stop()
-        del signal, batch, rollouts
+        del batch, rollouts
         if step > 0:
             times["sample"].append(t1 - t0)
             times["score"].append(t3 - t2)
@@ -212,7 +206,7 @@ def main() -> None:
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--path", help=argparse.SUPPRESS)  # set in the worker subprocess
     args = p.parse_args()
-    from opd_mini.config import run_cli
+    from opd_mini.cli import run_cli
 
     if args.path:  # the worker subprocess: one path; bad settings end in one error line, exit code 2
         sys.exit(run_cli(lambda: print("RESULT " + json.dumps(worker(args))) or 0))

@@ -1,24 +1,22 @@
-"""The laptop-gpu preset's step on random-init models of its real shapes: memory per phase, seconds per step.
+"""The laptop-gpu preset through the real loop at its real shapes: the step-0 evaluation and training steps,
+with the true peak memory of each.
 
-No download: the student (Qwen2.5-0.5B-Instruct) and the teacher (Qwen2.5-3B-Instruct) are built from
-their configs, written below (the values of their ``config.json`` on the Hugging Face hub), with random
-weights. The teacher is saved once in bf16 to a temporary directory and loaded back through
-``opd_mini.teacher.load_teacher`` with the preset's quantization (NF4, double quantization, bf16
-compute), the student through ``opd_mini.student.load_student`` (LoRA r = 16 on all linear layers,
-gradient checkpointing), exactly as ``python -m opd_mini.train --preset laptop-gpu`` loads the real
-ones. The tokenizer is a word-level stand-in with Qwen2.5's 151,665 tokens in the 151,936-row
-embedding, so the padding rows are there too. Prompts are random tokens of ``--prompt_len``.
+No download: the student (Qwen2.5-0.5B-Instruct) and the teacher (Qwen2.5-3B-Instruct) are built from their
+configs (written below: the values of their ``config.json`` on the Hugging Face hub) with random weights,
+directly in bf16 on the CPU (no fp32 copy and nothing on the GPU until loading) and saved to a temporary
+directory. ``opd_mini.train.train`` then runs ``--preset laptop-gpu`` on them, loading them as it loads the
+real ones (the teacher in 4-bit NF4, the LoRA student with gradient checkpointing). The tokenizer is a
+word-level stand-in with Qwen2.5's 151,665 tokens in the 151,936-row embedding (the padding rows are there
+too); the task is a JSONL file of prompts of ``--prompt_len`` random tokens. Everything else is the preset's:
+its evaluation at step 0 (128 prompts × 4 samples, and the retention task), its micro-batches, its chunks.
 
-One step is the preset's: ``prompts_per_step`` prompts × ``num_generations`` samples, cut into
-``grad_accum`` micro-batches; all are sampled first, then each is scored by the teacher and
-back-propagated through the chunked loss; then clip and AdamW. Printed: the models' footprint, and
-per phase (sample, score, student forward+backward, optimizer step) the seconds per step and the peak
-memory (CUDA: ``torch.cuda.max_memory_allocated`` within the phase; CPU: the peak RSS above the RSS
-after loading, polled every 2 ms).
+Memory is what the loop itself logs on a GPU (``memory/*`` in metrics.jsonl): the peak allocated and reserved
+within each step and within each evaluation, over every phase. ``--memory_cap_gib`` caps the allocator
+(``torch.cuda.set_per_process_memory_fraction``) to see whether the preset fits a smaller card.
 
-    python benchmarks/gpu_shapes.py                          # a CUDA GPU, the real shapes, 3 steps
-    python benchmarks/gpu_shapes.py --loss reverse_kl_full --sampler decode
-    python benchmarks/gpu_shapes.py --reduced --device cpu   # tiny shapes on a CPU (what the tests run)
+    python benchmarks/gpu_shapes.py                                   # a CUDA GPU, 2 steps
+    python benchmarks/gpu_shapes.py --memory_cap_gib 7.5 --loss reverse_kl_full
+    python benchmarks/gpu_shapes.py --reduced --device cpu --teacher_quantization none  # tiny shapes (the tests)
 """
 
 from __future__ import annotations
@@ -26,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pathlib import Path
 
 #: Qwen2.5-0.5B-Instruct and Qwen2.5-3B-Instruct, from their config.json (Qwen2 architecture: RoPE, SwiGLU,
 #: RMSNorm, q/k/v biases, grouped-query attention, tied input/output embeddings).
@@ -69,175 +67,152 @@ def build_tokenizer(num_tokens: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", padding_side="left")
 
 
-def build_models(args, cfg, device, dtype, tmp_dir: str):
-    """Tokenizer, LoRA student and (quantized) teacher of the preset's shapes, random init, loaded the preset's way."""
+def save_random_model(shape: dict, reduced: bool, path: Path, dtype, device: str = "cpu") -> None:
+    """A random-init Qwen2 of ``shape`` built directly in ``dtype`` (no fp32 copy) on ``device``, saved and freed
+    (without a tokenizer: next to a qwen2 config.json, AutoTokenizer would load Qwen2's own tokenizer class)."""
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from opd_mini.student import load_student
-    from opd_mini.teacher import load_teacher
-
-    num_tokens = REDUCED["vocab_size"] - 16 if args.reduced else QWEN25_TOKENS  # a few padding rows either way
-    tokenizer = build_tokenizer(num_tokens)
     torch.manual_seed(0)
-    with torch.device(device):  # initialise where the model will run: fast on a GPU
-        teacher = Qwen2ForCausalLM(qwen2_config(QWEN25_3B, args.reduced)).to(dtype)
-    teacher.save_pretrained(tmp_dir)
-    del teacher
-    if device.type == "cuda":
+    with torch.device(device):  # a GPU initialises the weights in seconds; they are freed before the run
+        model = AutoModelForCausalLM.from_config(qwen2_config(shape, reduced), dtype=dtype)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(path)
+    del model
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    teacher = load_teacher(tmp_dir, quantization=args.teacher_quantization, device=device, compute_dtype=dtype)
-    with torch.device(device):
-        student = Qwen2ForCausalLM(qwen2_config(QWEN25_0_5B, args.reduced)).to(dtype)
-    for model in (student, teacher):
-        model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
-    student = load_student(student, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                           lora_dropout=cfg.lora_dropout, device=device, dtype=dtype,
-                           gradient_checkpointing=cfg.gradient_checkpointing)
-    return tokenizer, student, teacher
 
 
-def run(args) -> dict:
-    """Load, then ``args.steps`` steps (the first one a warm-up, not timed); returns the figures."""
-    import random
+def write_task(path: Path, tokenizer, prompt_len: int, n: int = 400) -> None:
+    """A JSONL task of ``n`` prompts of ``prompt_len`` random tokens (answers of 3 tokens): the preset's shapes."""
+    rng = random.Random(0)
+    words = len(tokenizer) - 2
+    with path.open("w") as f:
+        for _ in range(n):
+            prompt = " ".join(f"t{rng.randrange(words)}" for _ in range(prompt_len))
+            f.write(json.dumps({"prompt": prompt, "answer": " ".join(f"t{rng.randrange(words)}" for _ in range(3))})
+                    + "\n")
+
+
+def prepare(args, root: Path) -> dict:
+    """Tokenizer, random student and teacher, the task: the paths a TrainConfig needs."""
+    import torch
+
+    dtype = torch.bfloat16 if (args.dtype or "bfloat16") == "bfloat16" else torch.float32
+    tokenizer = build_tokenizer(REDUCED["vocab_size"] - 16 if args.reduced else QWEN25_TOKENS)
+    paths = {name: root / name for name in ("student", "teacher", "tokenizer")}
+    t0 = time.perf_counter()
+    tokenizer.save_pretrained(paths["tokenizer"])
+    save_random_model(QWEN25_0_5B, args.reduced, paths["student"], dtype, args.device)
+    save_random_model(QWEN25_3B, args.reduced, paths["teacher"], dtype, args.device)  # 6 GB of bf16 at the real shapes
+    write_task(root / "task.jsonl", tokenizer, args.prompt_len)
+    return {**{k: str(v) for k, v in paths.items()}, "task": f"jsonl:{root / 'task.jsonl'}",
+            "build_s": time.perf_counter() - t0}
+
+
+def preset_config(args, paths: dict, out_dir: Path):
+    """The laptop-gpu preset on the stand-in models (reduced: the tests' small batch on a CPU)."""
+    from opd_mini.config import TrainConfig
+
+    overrides = dict(student=paths["student"], teacher=paths["teacher"], tokenizer=paths["tokenizer"],
+                     task=paths["task"], loss=args.loss, steps=args.steps, eval_every=0, save_every=0,
+                     device=args.device, teacher_quantization=args.teacher_quantization, sampler=args.sampler,
+                     out_dir=str(out_dir), progress=False, overwrite=True, check_tokenizers=False)
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    if args.reduced:
+        overrides.update(prompts_per_step=4, num_generations=2, grad_accum=2, max_new_tokens=4, loss_chunk_size=2,
+                         eval_prompts=8, eval_samples=2, pass_k=2, threads=args.threads, warmup_steps=1)
+    return TrainConfig.from_preset("laptop-gpu", **overrides)
+
+
+def run(args, paths: dict | None = None) -> dict:
+    """Run the preset for ``args.steps`` steps on the stand-ins (built here unless ``paths`` gives them); the
+    figures of its metrics log."""
+    import gc
 
     import torch
 
-    from bench_step import PeakMemory
-    from opd_mini import registry, sampler
-    from opd_mini.config import TrainConfig
-    from opd_mini.rollouts import MicroBatch
-    from opd_mini.student import loss_and_backward
-    from opd_mini.teacher import score, shared_vocab_size
+    from opd_mini.train import train
 
-    overrides = dict(loss=args.loss)
-    if args.reduced:
-        overrides.update(prompts_per_step=4, num_generations=2, grad_accum=2, max_new_tokens=4, loss_chunk_size=2)
-    cfg = TrainConfig.from_preset("laptop-gpu", **overrides)
-    device = torch.device(args.device)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype or cfg.dtype]
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tokenizer, student, teacher = build_models(args, cfg, device, dtype, tmp_dir)
-    V = shared_vocab_size(tokenizer, student, teacher)
-    spec, opts = registry.get_loss(cfg.loss), registry.LossOptions(top_k=cfg.top_k, beta=cfg.beta)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mem = PeakMemory(str(device))
-    baseline = 0 if device.type == "cuda" else mem.rss()
-    footprint = {"student_MB": student.get_memory_footprint() / 2**20,
-                 "teacher_MB": teacher.get_memory_footprint() / 2**20,
-                 "trainable_params": sum(p.numel() for p in params)}
-    if device.type == "cuda":
-        footprint["allocated_after_loading_MB"] = torch.cuda.memory_allocated() / 2**20
-    rng = random.Random(0)
-    micro_prompts = cfg.prompts_per_step // cfg.grad_accum
-    times = {k: [] for k in ("sample", "score", "student", "optimizer")}
-
-    def clock(phase):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    for step in range(args.steps):
-        prompts = [" ".join(f"t{rng.randrange(len(tokenizer) - 2)}" for _ in range(args.prompt_len))
-                   for _ in range(cfg.prompts_per_step)]
-        mem.start("sample")
-        t0 = clock("sample")
-        micro = []
-        for i in range(cfg.grad_accum):
-            r = sampler.sample(student, tokenizer, prompts[i * micro_prompts:(i + 1) * micro_prompts],
-                               num_generations=cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, use_chat_template=False, seed=step * 100 + i,
-                               method=args.sampler).to(device)
-            micro.append(MicroBatch(r, registry.LossBatch(tokens_BT=r.completion_ids, mask_BT=r.completion_mask,
-                                                          behaviour_logp_BT=r.behaviour_logp)))
-        num_tokens = sum(int(b.mask_BT.sum()) for b in micro)
-        t_sample = clock("sample") - t0
-        mem.stop()
-        t_score = t_student = 0.0
-        for batch in micro:
-            batch.inputs.num_tokens = max(num_tokens, 1)
-            mem.start("score")
-            t0 = clock("score")
-            fused = spec.signal == "full" and cfg.loss_chunk_size > 0
-            signal = score(teacher, batch.rollouts, vocab_size=V, top_k=cfg.top_k if spec.signal == "topk" else 0,
-                           full=spec.signal == "full" and not fused, keep_hidden=fused,
-                           chunk_size=cfg.teacher_chunk_size)
-            batch.inputs.teacher_logp_BT = signal.sampled_logp
-            batch.inputs.teacher_topk_ids_BTK, batch.inputs.teacher_topk_logp_BTK = signal.topk_ids, signal.topk_logp
-            batch.inputs.teacher_logp_BTV = signal.full_logp
-            batch.inputs.teacher_logp_fn = signal.full_logp_chunk if signal.hidden is not None else None
-            t_score += clock("score") - t0
-            mem.stop()
-            mem.start("student")
-            t0 = clock("student")
-            loss_and_backward(student, batch, spec, opts, vocab_size=V, chunk_size=cfg.loss_chunk_size)
-            t_student += clock("student") - t0
-            mem.stop()
-            del signal
-        mem.start("optimizer")
-        t0 = clock("optimizer")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t_opt = clock("optimizer") - t0
-        mem.stop()
-        del micro
-        if step > 0 or args.steps == 1:
-            for k, v in zip(times, (t_sample, t_score, t_student, t_opt)):
-                times[k].append(v)
-    mean = {f"s_{k}": sum(v) / len(v) for k, v in times.items()}
-    peaks = {f"peak_{k}_MB": (mem.peaks[k] - baseline) / 2**20 for k in times}
-    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "loss": cfg.loss, "sampler": args.sampler,
-            "teacher_quantization": args.teacher_quantization, "sequences_per_step": cfg.prompts_per_step * cfg.num_generations,
+    gc.collect()  # an earlier run's models (peft holds reference cycles) must not count in this run's peaks
+    if args.device.startswith("cuda"):  # the cap, or none (a fraction of 1)
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib / total) if args.memory_cap_gib else 1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = paths or prepare(args, root)
+        cfg = preset_config(args, paths, root / "run")
+        t0 = time.perf_counter()
+        summary = train(cfg)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    steps = [r for r in rows if "time/step" in r]
+    evals = [r for r in rows if "time/eval" in r]
+    peak = lambda rs, k: max((r.get(k, 0.0) for r in rs), default=0.0)  # noqa: E731
+    return {"device": args.device, "dtype": cfg.dtype, "loss": cfg.loss, "sampler": cfg.sampler,
+            "teacher_quantization": summary["ran"]["teachers"]["*"]["quantization"],
+            "memory_cap_gib": args.memory_cap_gib, "sequences_per_step": cfg.prompts_per_step * cfg.num_generations,
             "grad_accum": cfg.grad_accum, "prompt_len": args.prompt_len, "max_new_tokens": cfg.max_new_tokens,
-            **footprint, **mean, "s_step": sum(mean.values()), **peaks,
-            "peak_MB": (torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else max(peaks.values())}
+            "eval_rows": cfg.eval_prompts * cfg.eval_samples, "steps": len(steps), "build_s": paths["build_s"],
+            "wall_s": wall, "s_step": sum(r["time/step"] for r in steps) / max(1, len(steps)),
+            "s_sample": sum(r["time/sample"] for r in steps) / max(1, len(steps)),
+            "s_eval_step0": evals[0]["time/eval"] if evals else None,
+            "step_peak_allocated_GB": peak(steps, "memory/peak_allocated_GB"),
+            "step_peak_reserved_GB": peak(steps, "memory/peak_reserved_GB"),
+            "eval_peak_allocated_GB": peak(evals, "memory/eval_peak_allocated_GB"),
+            "eval_peak_reserved_GB": peak(evals, "memory/eval_peak_reserved_GB"),
+            "final_eval": {k: v for k, v in summary["final_eval"].items() if k.startswith("eval/")}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: the preset's (bfloat16)")
-    p.add_argument("--loss", default="reverse_kl_topk", help="a registered loss that scores with the teacher")
-    p.add_argument("--sampler", default="generate", choices=("generate", "decode"), help="sampler.sample's method")
+    p.add_argument("--loss", default="reverse_kl_sampled", help="a registered loss")
+    p.add_argument("--sampler", default="decode", choices=("generate", "decode"), help="sampler.sample's method")
     p.add_argument("--teacher_quantization", default="4bit", choices=("4bit", "8bit", "none"))
     p.add_argument("--prompt_len", type=int, default=40, help="prompt tokens (the preset's add:4 prompts with "
                    "Qwen's chat template are about 40)")
-    p.add_argument("--steps", type=int, default=3, help="steps; the first is a warm-up and is not timed")
+    p.add_argument("--steps", type=int, default=2, help="training steps after the step-0 evaluation")
+    p.add_argument("--memory_cap_gib", type=float, default=0.0, help="cap the CUDA allocator at this many GiB")
     p.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
     p.add_argument("--reduced", action="store_true", help="tiny shapes (for a CPU test), the same architecture")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False: use --device cpu (with --reduced)")
-    from opd_mini.registry import LOSS_REGISTRY
-
-    if args.loss not in LOSS_REGISTRY or LOSS_REGISTRY[args.loss].signal is None:
-        p.error(f"--loss must be a registered loss that scores with the teacher; got {args.loss!r}")
+        parser().error("--device cuda but torch.cuda.is_available() is False: use --device cpu (with --reduced)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    res = run(args)
-    if args.json:
-        print(json.dumps(res))
+    from opd_mini.cli import run_cli
+
+    def body() -> int:
+        res = run(args)
+        if args.json:
+            print(json.dumps(res))
+            return 0
+        name = "reduced shapes" if args.reduced else "Qwen2.5-0.5B student (LoRA) + Qwen2.5-3B teacher"
+        print(f"laptop-gpu preset, {name}, random init; {res['device']} {res['dtype']}, teacher "
+              f"{res['teacher_quantization']}, loss {res['loss']}, sampler {res['sampler']}; "
+              f"{res['sequences_per_step']} sequences per step in {res['grad_accum']} micro-batches; evaluation "
+              f"{res['eval_rows']} rows; allocator cap {res['memory_cap_gib'] or 'none'} GiB")
+        print("\n| phase | seconds | peak allocated GiB | peak reserved GiB |\n|---|---|---|---|")
+        print(f"| step-0 evaluation | {res['s_eval_step0']:.1f} | {res['eval_peak_allocated_GB']:.2f} | "
+              f"{res['eval_peak_reserved_GB']:.2f} |")
+        print(f"| training step | {res['s_step']:.1f} | {res['step_peak_allocated_GB']:.2f} | "
+              f"{res['step_peak_reserved_GB']:.2f} |")
         return 0
-    name = "reduced shapes" if args.reduced else "Qwen2.5-0.5B student (LoRA) + Qwen2.5-3B teacher"
-    print(f"laptop-gpu preset step, {name}, random init; {res['device']} {res['dtype']}, teacher "
-          f"{res['teacher_quantization']}, loss {res['loss']}, sampler {res['sampler']}; {res['sequences_per_step']} "
-          f"sequences per step in {res['grad_accum']} micro-batches, {res['prompt_len']} prompt + "
-          f"{res['max_new_tokens']} new tokens")
-    print(f"student {res['student_MB']:.1f} MB, teacher {res['teacher_MB']:.1f} MB, "
-          f"{res['trainable_params'] / 1e6:.2f} M trainable parameters")
-    unit = "max allocated" if res["device"].startswith("cuda") else "RSS above loading"
-    print(f"\n| phase | s per step | peak MB ({unit}) |\n|---|---|---|")
-    for k in ("sample", "score", "student", "optimizer"):
-        print(f"| {k} | {res[f's_{k}']:.2f} | {res[f'peak_{k}_MB']:.0f} |")
-    print(f"| step | {res['s_step']:.2f} | {res['peak_MB']:.0f} |")
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave glibc's malloc settings alone: the times of a normal run (by default every block "
                         "over 128 kB is mmap'd so that RSS tracks what is allocated, which makes the peaks exact "
                         "but costs page faults on every big temporary: sampling ~2x slower)")
+    p.add_argument("--json", default="", help="also write every figure to this JSON file (BENCHMARKS.md's table is "
+                   "generated from benchmarks/results/vs_trl.json)")
     p.add_argument("--trl_beta", type=float, help=argparse.SUPPRESS)  # set in a TRL worker subprocess
     args = p.parse_args(argv)
     if args.trl_beta is not None:
@@ -216,17 +218,30 @@ def main(argv: list[str] | None = None) -> int:
     floor = compute_floor(args.vocab, args.batch, args.new_tokens, tiny_config("bench").hidden_size, args.threads)
     import trl as trl_module
 
-    print(f"V={args.vocab}, batch {args.batch}, {args.prompt_len} prompt + {args.new_tokens} new tokens, "
-          f"{args.threads} threads, {args.steps} timed steps per run; opd_mini chunk {args.chunk}, top-K "
-          f"{args.top_k}, sampler {args.sampler}; TRL {trl_module.__version__}; malloc "
-          f"{'glibc defaults' if args.plain_malloc else 'mmap above 128 kB'}. Peaks: RSS above the RSS after "
-          f"loading (opd_mini: its largest phase)\n")
-    print(ratio_table(rows, trl, floor))
-    print(f"\ncompute floor {floor['s_floor']:.2f} s per step: {floor['s_sample_floor']:.2f} s for the decode steps' "
-          f"head products + 4 x {floor['s_projection']:.2f} s full projections "
-          f"({floor['gflop_step']:.0f} GFLOP in all; {floor['gflops_projection']:.0f} GFLOP/s measured for a full "
-          f"projection)")
+    result = {"settings": {k: getattr(args, k) for k in ("vocab", "batch", "prompt_len", "new_tokens", "chunk", "top_k",
+                                                          "steps", "threads", "sampler", "plain_malloc")},
+              "trl_version": trl_module.__version__, "cpus": os.cpu_count(), "opd_mini": rows,
+              "trl": {str(k): v for k, v in trl.items()}, "floor": floor}
+    print(report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
+
+
+def report(result: dict) -> str:
+    """The table and the compute floor, as printed and as BENCHMARKS.md shows them (generated from the JSON)."""
+    a, floor = result["settings"], result["floor"]
+    head = (f"V={a['vocab']}, batch {a['batch']}, {a['prompt_len']} prompt + {a['new_tokens']} new tokens, "
+            f"{a['threads']} threads, {a['steps']} timed steps per run; opd_mini chunk {a['chunk']}, top-K "
+            f"{a['top_k']}, sampler {a['sampler']}; TRL {result['trl_version']}; malloc "
+            f"{'glibc defaults' if a['plain_malloc'] else 'mmap above 128 kB'}. Peaks: RSS above the RSS after "
+            "loading (opd_mini: its largest phase).")
+    tail = (f"Compute floor {floor['s_floor']:.2f} s per step: {floor['s_sample_floor']:.2f} s for the decode steps' "
+            f"head products + 4 × {floor['s_projection']:.2f} s full projections ({floor['gflop_step']:.0f} GFLOP in "
+            f"all; {floor['gflops_projection']:.0f} GFLOP/s measured for a full projection).")
+    trl = {float(k): v for k, v in result["trl"].items()}
+    return "\n\n".join([head, ratio_table(result["opd_mini"], trl, floor), tail])
 
 
 if __name__ == "__main__":

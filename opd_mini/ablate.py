@@ -14,12 +14,13 @@ Writes, under ``--out``::
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import sys
 from pathlib import Path
 
-from opd_mini.config import TrainConfig, build_parser, config_from_args, join_negative_numbers, run_cli
+from opd_mini.cli import build_parser, config_from_args, join_negative_numbers, run_cli
+from opd_mini.config import TrainConfig
+from opd_mini.stats import mean_std
 from opd_mini.registry import LOSS_REGISTRY
 from opd_mini.eval import EVAL_METRIC_DOCS
 from opd_mini.train import train
@@ -49,12 +50,6 @@ def run_grid(base: TrainConfig, losses: list[str], seeds: list[int], out: str | 
     return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def write_results(results: list[dict], out: str | Path) -> dict[str, Path]:
     """results.csv (per run), results.md (mean ± std over seeds per loss) and ablation.png."""
     out = Path(out)
@@ -77,9 +72,9 @@ def write_results(results: list[dict], out: str | Path) -> dict[str, Path]:
         runs = [r for r in results if r["loss"] == loss]
         cells = []
         for k in metrics:
-            mean, std = _mean_std([r["final_eval"].get(k, float("nan")) for r in runs])
+            mean, std = mean_std([r["final_eval"].get(k, float("nan")) for r in runs])
             cells.append(f"{mean:.3f} ± {std:.3f}")
-        t_mean, _ = _mean_std([r["train_time_s"] for r in runs])
+        t_mean, _ = mean_std([r["train_time_s"] for r in runs])
         lines.append(f"| {loss} | " + " | ".join(cells) + f" | {t_mean:.1f} |")
     md_path = out / "results.md"
     md_path.write_text("\n".join(lines) + "\n")

@@ -1,47 +1,35 @@
 """The one configuration of a training run: a dataclass whose fields document themselves.
 
-Every field is declared once, with its default, its help text and its allowed range::
-
-    lr: float = opt(1e-4, "peak learning rate of AdamW", gt=0)
-
-and from that single declaration come the ``--help`` text of every command, the ``--lr`` flag, the
-validation (a ``ValueError`` naming the field, the value and what is allowed).
-
-Three ways to build a config, applied in this order (later wins)::
+Every field is declared once (:func:`opd_mini.options.opt`), with its default, its help text and its
+allowed range; the loss hyperparameters are declared in :class:`opd_mini.registry.LossOptions`, which
+``TrainConfig`` extends. Three ways to build a config, applied in this order (later wins)::
 
     TrainConfig()                               # the defaults below
     preset  (--preset tiny-cpu | laptop-gpu)    # a named bundle of overrides, see PRESETS
     file    (--config run.yaml / run.json)      # any subset of the fields, may name a preset too
-    flags   (--lr 3e-4 --loss sft ...)          # every field is a flag
+    flags   (--lr 3e-4 --loss sft ...)          # every field is a flag (opd_mini.cli)
 
 From Python: ``TrainConfig(lr=3e-4)``, ``TrainConfig.from_preset("tiny-cpu", steps=10)``,
-``TrainConfig.from_file("run.yaml")`` or ``parse_args(["--preset", "tiny-cpu", "--steps", "10"])``.
+``TrainConfig.from_file("run.yaml")`` or ``opd_mini.cli.parse_args(["--preset", "tiny-cpu", "--steps", "10"])``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
-import os
-import re
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from opd_mini import registry
-
-def opt(default: Any, help: str, *, choices: tuple | Callable[[], tuple] | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
-    """A dataclass field with its help text and allowed values stored in ``metadata`` (written once)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt))
+from opd_mini.options import check_fields, coerce, opt
+from opd_mini.registry import LossOptions
 
 
 @dataclass
-class TrainConfig:
-    """Everything one run of ``python -m opd_mini.train`` needs. See ``--help`` for each field."""
+class TrainConfig(LossOptions):
+    """Everything one run of ``python -m opd_mini.train`` needs: the loss options of ``LossOptions`` (``gamma``,
+    ``beta``, ``top_k`` …) and the fields below. See ``--help`` for each."""
 
     # --- models -----------------------------------------------------------------------------
     student: str = opt("tiny", "student model: a Hugging Face id or a save_pretrained directory; 'tiny' = the "
@@ -71,8 +59,10 @@ class TrainConfig:
                             "is still the base without any adapter")
 
     # --- task -------------------------------------------------------------------------------
-    task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, walk:N, jsonl:PATH or "
-                    "hf:DATASET[:split]")
+    task: str = opt("reverse:5", "prompt source with a verifier: reverse:N, add:N, walk:N, jsonl:PATH, "
+                    "hf:DATASET[:split], a task a --task_plugins file registers, or a mixture A+B (A*3+B weighted)")
+    task_plugins: str = opt("", "comma-separated Python files (path/to/file.py) or module names imported before the "
+                            "run; each may register tasks with opd_mini.tasks.register")
     eval_task: str = opt("", "task whose prompts evaluate the run (e.g. jsonl:eval.jsonl; then the whole training "
                          "file is trained on); empty = the training task's held-out split")
     eval_fraction: float = opt(0.1, "jsonl/hf tasks without --eval_task: fraction of the file held out for "
@@ -86,28 +76,12 @@ class TrainConfig:
                     "--loss_plugins file may register more); sft and grpo are the baselines", choices=registry.loss_names)
     loss_plugins: str = opt("", "comma-separated Python files (path/to/file.py) or module names imported before the "
                             "run; each may register losses with opd_mini.registry.register")
-    loss_args: str = opt("", "options of a user-registered loss as key=value pairs, comma-separated (e.g. "
-                         "alpha=0.3); the loss reads them from opts.extra")
-    gamma: float = opt(0.0, "reverse_kl_sampled/opd_grpo: discount of the return-to-go of −r_t "
-                       "(0 = token-level OPD, low variance; 1 = unbiased sequence-level estimator)", ge=0, le=1)
-    clip_log_ratio: float = opt(0.0, "reverse_kl_sampled/opd_grpo: clip the log-ratio r_t to [−c, c] (0 = off)", ge=0)
-    beta: float = opt(0.5, "jsd: mixture weight β of JSD(β); β=0 is forward KL, β=1 reverse KL, 0.5 symmetric JSD",
-                      ge=0, le=1)
-    top_k: int = opt(16, "reverse_kl_topk: size K of the teacher's top-K support (K >= 2)", ge=2)
-    add_sampled_token: bool = opt(True, "reverse_kl_topk: add the student's sampled token to the support")
-    renormalize: bool = opt(True, "reverse_kl_topk: renormalise both distributions inside the support "
-                            "(false collapses; kept for the ablation)")
-    entropy_threshold: float = opt(1.0, "entropy_aware: add forward KL where the teacher's entropy exceeds this "
-                                   "(nats)", ge=0)
-    reward_weight: float = opt(1.0, "opd_grpo: weight w of the GRPO reward advantage added to the OPD advantage",
-                               ge=0)
-    grpo_normalize_std: bool = opt(True, "grpo/opd_grpo: divide group advantages by the group's std "
-                                   "(false = Dr. GRPO, mean baseline only)")
     mask_special_tokens: bool = opt(False, "leave special tokens (EOS, chat markers) out of the loss")
 
     # --- optimisation -----------------------------------------------------------------------
     steps: int = opt(100, "optimizer steps", ge=1)
-    lr: float = opt(1e-4, "peak learning rate of AdamW", gt=0)
+    lr: float = opt(1e-4, "peak learning rate of AdamW (AdamW moves each weight by about lr per step, so 1 or more "
+                    "only destroys the model)", gt=0, lt=1)
     lr_schedule: str = opt("constant", "learning-rate schedule after warmup", choices=("constant", "linear", "cosine"))
     warmup_steps: int = opt(0, "steps of linear warmup from 0 to lr", ge=0)
     min_lr_ratio: float = opt(0.0, "linear/cosine: final learning rate as a fraction of lr", ge=0, le=1)
@@ -120,7 +94,8 @@ class TrainConfig:
                           ge=1)
     loss_chunk_size: int = opt(0, "compute the student's per-token losses in chunks of this many positions so "
                                "(B, T, V) fp32 logits never sit in memory at once (0 = one chunk)", ge=0)
-    teacher_chunk_size: int = opt(64, "positions per chunk of the teacher's lm_head + log-softmax", ge=1)
+    teacher_chunk_size: int = opt(0, "positions per chunk of the teacher's head + log-softmax (0 = sized by element "
+                                  "count: at most 2^22 logits, 16 MB in fp32, per chunk of rows and positions)", ge=0)
     divergence_factor: float = opt(10.0, "stop the run, before applying the step, when the gradient norm exceeds "
                                    "this many times the median of the previous 20 steps (checked from step 11; "
                                    "0 = off)", ge=0)
@@ -129,7 +104,8 @@ class TrainConfig:
 
     # --- sampling ---------------------------------------------------------------------------
     max_new_tokens: int = opt(16, "maximum completion length in tokens", ge=1)
-    temperature: float = opt(1.0, "sampling temperature of the rollouts (1 = on-policy)", gt=0)
+    temperature: float = opt(1.0, "sampling temperature of the rollouts (1 = on-policy; below 0.01 logits / "
+                             "temperature overflow)", ge=0.01, le=100)
     teacher_sample_pool: int = opt(0, "losses trained on teacher samples (sft): a fixed set of them, this many "
                                    "training prompts sampled once at the start, each step drawing its prompts from "
                                    "the set (a distillation dataset); 0 = fresh teacher samples every step", ge=0)
@@ -141,11 +117,11 @@ class TrainConfig:
                                 "{answer})': the teacher scores the student's completion behind this prompt instead of "
                                 "the student's (privileged-context self-distillation, with --teacher self: no second "
                                 "copy); empty = the student's prompt")
-    sampler: str = opt("generate", "rollout sampler: generate (Hugging Face generate, then one forward for the "
-                       "behaviour log-probs; the reference) or decode (the package's KV-cache loop with inverse-CDF "
-                       "draws and log-probs recorded while decoding: faster at a large vocabulary, other samples for "
-                       "the same seed; with --teacher self the log-probs still come from a forward, so r_t stays "
-                       "exactly 0)", choices=("generate", "decode"))
+    sampler: str = opt("decode", "rollout sampler: decode (the package's KV-cache loop: inverse-CDF draws, top-p "
+                       "without a full sort, log-probs recorded while decoding; the fast path) or generate (Hugging "
+                       "Face generate, then one forward for the behaviour log-probs; the readable reference, other "
+                       "samples for the same seed); with --teacher self the log-probs come from a forward either way, "
+                       "so r_t stays exactly 0", choices=("decode", "generate"))
     top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)", gt=0, le=1)
     top_k_sampling: int = opt(0, "sample from the k most likely tokens only (0 = off)", ge=0)
 
@@ -154,7 +130,7 @@ class TrainConfig:
     eval_prompts: int = opt(64, "held-out prompts per evaluation", ge=1)
     eval_samples: int = opt(4, "samples per held-out prompt (n of the unbiased pass@k estimator)", ge=1)
     pass_k: int = opt(4, "k of pass@k (k <= eval_samples)", ge=1)
-    eval_temperature: float = opt(1.0, "sampling temperature at evaluation", gt=0)
+    eval_temperature: float = opt(1.0, "sampling temperature at evaluation", ge=0.01, le=100)
     eval_kl_forward: bool = opt(False, "also evaluate the forward KL(teacher ‖ student) per token on the teacher's own "
                                 "samples of the held-out prompts (eval/kl_forward; one more sampling pass)")
     eval_kl_to_init: bool = opt(False, "also evaluate KL(π₀ ‖ π) per token on the retention task's prompts, π₀ = the "
@@ -163,6 +139,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep on disk", ge=1)
     out_dir: str = opt("runs/opd", "directory of the metrics log, checkpoints and final model")
     resume: bool = opt(False, "continue from the last checkpoint in out_dir (model, optimizer, scheduler, RNG, step)")
+    overwrite: bool = opt(False, "start a new run in an out_dir that holds an earlier one, moving the earlier files "
+                          "to out_dir/replaced/TIMESTAMP/ (without it such a run is refused)")
     progress: bool = opt(True, "show a tqdm progress bar with live metrics")
 
     # --- hardware and reproducibility -------------------------------------------------------
@@ -181,21 +159,15 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check types, ranges and cross-field rules; raise ValueError naming the field and the value."""
-        registry.import_plugins(_coerce(_FIELDS["loss_plugins"], self.loss_plugins))  # before `loss` is checked
-        for f in fields(self):
-            value = getattr(self, f.name)
-            setattr(self, f.name, value := _coerce(f, value))
-            m = f.metadata
-            choices = _choices(m)
-            if choices is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if isinstance(value, float) and math.isnan(value):
-                    raise ValueError(f"{f.name}=nan is not allowed; {_range_text(m)}")
-                bad = ((m["ge"] is not None and value < m["ge"]) or (m["gt"] is not None and value <= m["gt"])
-                       or (m["le"] is not None and value > m["le"]) or (m["lt"] is not None and value >= m["lt"]))
-                if bad:
-                    raise ValueError(f"{f.name}={value!r} is out of range; {_range_text(m)}")
+        if isinstance(self.teachers, dict):  # a mapping in a config file
+            empty = [k for k, v in self.teachers.items() if v is None or not str(v).strip()]
+            if empty:
+                raise ValueError(f"teachers: the task {empty[0]} has an empty teacher; give a model directory, a hub "
+                                 "id or 'self' (e.g. reverse:5: runs/teacher)")
+            self.teachers = ";".join(f"{k}={v}" for k, v in self.teachers.items())
+        registry.import_plugins(coerce(_FIELDS["loss_plugins"], self.loss_plugins))  # before `loss` is checked
+        registry.import_plugins(coerce(_FIELDS["task_plugins"], self.task_plugins), what="task")
+        check_fields(self)
         if self.pass_k > self.eval_samples:
             raise ValueError(f"pass_k={self.pass_k} is out of range; it must be <= eval_samples={self.eval_samples} "
                              "(pass@k needs at least k samples per prompt)")
@@ -203,7 +175,11 @@ class TrainConfig:
             raise ValueError(f"grad_accum={self.grad_accum} is not allowed: it must divide prompts_per_step="
                              f"{self.prompts_per_step} (each micro-batch holds prompts_per_step / grad_accum prompts)")
         spec = registry.get_loss(self.loss)
-        registry.parse_loss_args(self.loss_args)
+        self.extra  # noqa: B018  (loss_args: its syntax, and no built-in option under another name)
+        if self.teacher_sample_pool and spec.rollouts == "student" and self.lmbda >= 1:
+            raise ValueError(f"teacher_sample_pool={self.teacher_sample_pool} would never be used: loss={self.loss} trains "
+                             "on the student's own samples at every step; use it with a loss trained on teacher samples "
+                             "(sft) or with --lmbda below 1 (GKD: the teacher's steps draw from the pool)")
         if self.teacher_sample_pool and self.teacher_sample_pool < self.prompts_per_step:
             raise ValueError(f"teacher_sample_pool={self.teacher_sample_pool} is out of range: a fixed set must hold at "
                              f"least prompts_per_step={self.prompts_per_step} prompts (or 0 for fresh samples)")
@@ -219,6 +195,18 @@ class TrainConfig:
                              "(the student's own base weights are the teacher); use 'none'")
         if not self.task:
             raise ValueError("task='' is not allowed; give a task spec such as reverse:3, add:3 or jsonl:PATH")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir='' is not allowed (an unset shell variable?); give a directory, e.g. runs/opd")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: --resume continues the earlier run, "
+                             "--overwrite moves it aside and starts over; give one")
+        if self.teachers and self.teacher_quantization != "none":
+            raise ValueError(f"teacher_quantization={self.teacher_quantization!r} does not apply to --teachers: write the "
+                             "quantization of each teacher there, e.g. 'reverse:5=PATH@4bit'")
+        if not self.lora and self.dtype in ("bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} with lora=false is not allowed: full fine-tuning in {self.dtype} keeps "
+                             "no float32 master weights, so small updates are lost; use --dtype float32 (or auto on "
+                             "a CPU), or LoRA (--lora true)")
         if self.init_adapter and not self.lora:
             raise ValueError(f"init_adapter={self.init_adapter!r} needs lora=true (it is a LoRA adapter)")
         if self.eval_kl_to_init and not (self.lora and self.retention_task):
@@ -275,7 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         student="Qwen/Qwen2.5-0.5B-Instruct", teacher="Qwen/Qwen2.5-3B-Instruct", teacher_quantization="4bit",
         task="add:4", retention_task="reverse:6", device="cuda", dtype="bfloat16",
         lora=True, lora_r=16, lora_alpha=32, lr=1e-4, lr_schedule="cosine", warmup_steps=10, steps=200,
-        prompts_per_step=16, num_generations=4, grad_accum=4, max_new_tokens=32, loss_chunk_size=32,
+        prompts_per_step=16, num_generations=4, grad_accum=4, max_new_tokens=32, loss_chunk_size=8,
         gradient_checkpointing=True, eval_every=25, eval_prompts=128, eval_samples=4, pass_k=4,
         save_every=50, out_dir="runs/laptop-gpu",
     ),
@@ -290,7 +278,7 @@ def preset_values(name: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# files and the command line
+# files
 # ---------------------------------------------------------------------------------------------
 
 
@@ -317,152 +305,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of field names to values, got {type(data).__name__}")
     return data
-
-
-def build_parser(prog: str = "python -m opd_mini.train", description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with --preset, --config and one flag per TrainConfig field (help from the field)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
-    parser.add_argument("--preset", choices=list(PRESETS), help="start from a named bundle of settings")
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of field values (flags override it)")
-    group = parser.add_argument_group("TrainConfig fields")
-    for f in fields(TrainConfig):
-        m = f.metadata
-        help_text = m["help"] + (f" (default: {f.default!r})" if f.default != "" else " (default: '')")
-        choices = _choices(m)
-        if _range_text(m) and choices is None:
-            help_text += f"; {_range_text(m)}"
-        flag = "--" + f.name
-        if f.type in (bool, "bool"):
-            kwargs = dict(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            kwargs = dict(type=kind, choices=choices, metavar=None if choices else f.name.upper())
-        group.add_argument(flag, help=help_text, **kwargs)
-        if "_" in f.name:  # --lora-r works as well as --lora_r (not listed in --help)
-            group.add_argument(flag.replace("_", "-"), dest=f.name, help=argparse.SUPPRESS, **kwargs)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Precedence: defaults < preset < --config file < flags."""
-    given = vars(args).copy()
-    preset = given.pop("preset", None)
-    file = given.pop("config", None)
-    values: dict[str, Any] = {}
-    if preset:
-        values["preset"] = preset
-    if file:
-        file_values = load_file(file)
-        if "preset" in file_values and preset:  # a preset on the command line wins over one in the file
-            file_values.pop("preset")
-        values.update(file_values)
-    values.update({k: v for k, v in given.items() if k in _FIELD_NAMES})
-    return TrainConfig.from_dict(values, source=str(file) if file else "command line")
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """A TrainConfig from command-line arguments. The files of ``--loss_plugins`` (on the command line or in
-    the ``--config`` file) are imported first, so ``--loss`` accepts the losses they register."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--loss_plugins", "--loss-plugins", default=None)
-    pre.add_argument("--config", default=None)
-    argv = join_negative_numbers(sys.argv[1:] if argv is None else argv)
-    known, _ = pre.parse_known_args(argv)
-    plugins = known.loss_plugins
-    if plugins is None and known.config:
-        plugins = load_file(known.config).get("loss_plugins", "")
-    registry.import_plugins(plugins or "")
-    return config_from_args(build_parser().parse_args(argv))
-
-
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def join_negative_numbers(argv: list[str]) -> list[str]:
-    """``["--lr", "-1e-4"]`` → ``["--lr=-1e-4"]``: argparse takes "-1e-4" for an option otherwise, and the range
-    check (a clear message) never sees the value."""
-    out: list[str] = []
-    for item in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.match(item):
-            out[-1] = f"{out[-1]}={item}"
-        else:
-            out.append(item)
-    return out
-
-
-def run_cli(body: Callable[[], int]) -> int:
-    """Run a command's body so that bad input ends in one ``error:`` line and exit code 2, never a traceback.
-
-    Bad input is a ValueError, an OSError (a missing file or model, no network), an ImportError (an
-    optional package), or an error carrying an ``exit_code`` (a stopped diverging run: 3). Any other
-    exception is a bug, and keeps its traceback. Under a launcher's several processes, a process other than
-    the main one names itself (``error (process 2/4): …``); each message is written in one piece, so the
-    lines of different processes do not interleave.
-    """
-    try:
-        return body()
-    except (ValueError, OSError, ImportError, RuntimeError) as e:
-        code = getattr(e, "exit_code", None)
-        if code is None and isinstance(e, RuntimeError):
-            raise
-        message = str(e) if code == 3 else " ".join(str(e).split("\n")[0].split()) or type(e).__name__
-        world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
-        who = f" (process {int(rank) + 1}/{world})" if world.isdigit() and rank.isdigit() and rank != "0" else ""
-        sys.stderr.write(("\n" if code == 3 else "") + f"error{who}: {message}\n")
-        sys.stderr.flush()
-        return code or 2
-
-
-def field_docs() -> dict[str, str]:
-    """Field name → help text (the same text as ``--help``)."""
-    return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
-_FIELD_NAMES = set(_FIELDS)
-
-
-def _choices(metadata: dict) -> tuple | None:
-    """A field's allowed values; a callable is asked each time (the losses registered so far)."""
-    choices = metadata["choices"]
-    return tuple(choices()) if callable(choices) else choices
-
-
-def _check_keys(values: dict[str, Any], source: str) -> None:
-    unknown = sorted(set(values) - _FIELD_NAMES)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(unknown)} in {source}; valid fields: "
-                         f"preset, {', '.join(sorted(_FIELD_NAMES))}")
-
-
-def _range_text(m: dict) -> str:
-    parts = []
-    if m["ge"] is not None:
-        parts.append(f">= {m['ge']}")
-    if m["gt"] is not None:
-        parts.append(f"> {m['gt']}")
-    if m["le"] is not None:
-        parts.append(f"<= {m['le']}")
-    if m["lt"] is not None:
-        parts.append(f"< {m['lt']}")
-    return ("it must be " + " and ".join(parts)) if parts else ""
-
-
-def _parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    t = str(text).strip().lower()
-    if t in ("1", "true", "yes", "on"):
-        return True
-    if t in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
 #: The fields of an example a ``teacher_template`` may name.
@@ -506,30 +348,13 @@ def parse_teachers(spec: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Accept the obvious spellings from YAML/JSON (1 for 1.0, "true" for True); reject the rest by name."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    if f.name == "teachers" and isinstance(value, dict):  # a mapping in a config file
-        value = ";".join(f"{k}={v}" for k, v in value.items())
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, (str, int)):
-                return _parse_bool(value)
-            raise TypeError
-        if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"{f.name}={value!r} is not allowed; it must be a {kind}") from None
-    return value
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+FIELD_NAMES = tuple(_FIELDS)
+
+
+def _check_keys(values: dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)} in {source}; valid fields: "
+                         f"preset, {', '.join(sorted(FIELD_NAMES))}")

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from opd_mini import forward, sampler
+from opd_mini.batch import Batch
 from opd_mini.tasks import Task
 
 #: What each key returned by :func:`evaluate` means (merged into the training loop's glossary).
@@ -94,9 +95,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Sample ``num_samples`` completions for each of ``num_prompts`` held-out prompts and score them.
 
-    ``score_teacher(rollouts) -> TeacherSignal`` (sampled log-probs only) adds ``eval/kl_reverse``;
-    ``sample_teacher(prompts, num_generations, seed) -> Rollouts`` (the teacher's own samples, their
-    ``behaviour_logp`` its log-probs) adds ``eval/kl_forward``; ``retention_task`` adds
+    ``score_teacher(batch) -> Batch`` (the batch with ``teacher_logp_BT``) adds ``eval/kl_reverse``;
+    ``sample_teacher(prompts, num_generations, seed) -> Batch`` (the teacher's own samples, their
+    ``behaviour_logp_BT`` its log-probs) adds ``eval/kl_forward``; ``retention_task`` adds
     ``eval/retention_pass@1``, and with ``sample_init`` (π₀'s samples, like ``sample_teacher``) also
     ``eval/retention_kl_to_init``, KL(π₀ ‖ π_θ) on the retention prompts. Sampling is seeded, so two evaluations of the
     same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
@@ -105,12 +106,12 @@ def evaluate(
     """
     examples = held_out_examples(task, num_prompts, seed, split)
     num_prompts = len(examples)
-    rollouts = sampler.sample(model, tokenizer, [e.prompt for e in examples], num_generations=num_samples,
-                              max_new_tokens=max_new_tokens, temperature=temperature,
-                              use_chat_template=use_chat_template, seed=held_out_seed(seed), **(sampler_options or {}))
-    rewards_B = torch.tensor(task.rewards(rollouts.completions, [examples[i] for i in rollouts.prompt_index.tolist()]))
+    rollouts = sample_in_groups(model, tokenizer, [e.prompt for e in examples], num_generations=num_samples,
+                                max_new_tokens=max_new_tokens, temperature=temperature,
+                                use_chat_template=use_chat_template, seed=held_out_seed(seed), **(sampler_options or {}))
+    rewards_B = torch.tensor(task.rewards(rollouts.completions, [examples[i] for i in rollouts.prompt_index_B.tolist()]))
     correct_per_prompt = rewards_B.view(num_prompts, num_samples).sum(1)
-    mask_BT = rollouts.completion_mask
+    mask_BT = rollouts.mask_BT
     lengths_B = mask_BT.sum(1)
     out = {
         f"{prefix}pass@1": sum(pass_at_k(num_samples, int(c), 1) for c in correct_per_prompt) / num_prompts,
@@ -119,15 +120,13 @@ def evaluate(
         f"{prefix}eos_frac": _ended_with_eos(rollouts, tokenizer).float().mean().item(),
     }
     if score_teacher is not None:
-        signal = score_teacher(rollouts)
-        log_ratio_BT = rollouts.behaviour_logp - signal.sampled_logp.float().cpu()
-        out[f"{prefix}kl_reverse"] = (log_ratio_BT[mask_BT].sum() / mask_BT.sum().clamp(min=1)).item()
+        scored = score_teacher(rollouts)  # the teacher's fields on the rollouts' device
+        out[f"{prefix}kl_reverse"] = masked_mean(rollouts.behaviour_logp_BT - scored.teacher_logp_BT, mask_BT)
     if sample_teacher is not None:
         teacher_r = sample_teacher([e.prompt for e in examples], num_samples, held_out_seed(seed) + 1)
-        student_logp_BT = forward.sampled_token_logprobs(model, teacher_r).float().cpu()
-        mask_BT = teacher_r.completion_mask
-        log_ratio_BT = teacher_r.behaviour_logp.float().cpu() - student_logp_BT
-        out[f"{prefix}kl_forward"] = (log_ratio_BT[mask_BT].sum() / mask_BT.sum().clamp(min=1)).item()
+        student_logp_BT = forward.sampled_token_logprobs(model, teacher_r).float()
+        log_ratio_BT = teacher_r.behaviour_logp_BT.float().to(student_logp_BT.device) - student_logp_BT
+        out[f"{prefix}kl_forward"] = masked_mean(log_ratio_BT, teacher_r.mask_BT)
     if retention_task is not None:
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
@@ -139,10 +138,60 @@ def evaluate(
     return out
 
 
-def _ended_with_eos(rollouts: sampler.Rollouts, tokenizer) -> torch.Tensor:
+def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
+    """Σ mask · x / Σ mask (0 for an empty mask), computed on ``x_BT``'s device."""
+    mask_BT = mask_BT.to(x_BT.device)
+    return float(x_BT.float()[mask_BT].sum() / mask_BT.sum().clamp(min=1))
+
+
+#: Most logits elements one decoding step of evaluation holds (rows × V): 2^24, 64 MB in fp32. Larger
+#: evaluations are sampled in groups of prompts, each with its own seed.
+EVAL_STEP_ELEMENTS = 2 ** 24
+
+
+def sample_in_groups(model, tokenizer, prompts: list[str], *, num_generations: int, seed: int, **kwargs) -> Batch:
+    """:func:`opd_mini.sampler.sample` over ``prompts``, in groups small enough that one decoding step's
+    (rows, V) logits stay within :data:`EVAL_STEP_ELEMENTS` (one group, the plain call, whenever it fits:
+    every tiny-world evaluation). Group g is seeded ``seed + g``; the rows come back in prompt order."""
+    V = len(tokenizer)
+    per_group = max(1, EVAL_STEP_ELEMENTS // max(1, num_generations * V))
+    if len(prompts) <= per_group:
+        return sampler.sample(model, tokenizer, prompts, num_generations=num_generations, seed=seed, **kwargs)
+    parts = [sampler.sample(model, tokenizer, prompts[i:i + per_group], num_generations=num_generations, seed=seed + g,
+                            **kwargs) for g, i in enumerate(range(0, len(prompts), per_group))]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return concat_batches(parts, list(range(0, len(prompts), per_group)), pad_id)
+
+
+def concat_batches(parts: list[Batch], offsets: list[int], pad_id: int) -> Batch:
+    """Batches of consecutive prompt groups as one (prompt group g starts at prompt ``offsets[g]``): prompts are
+    left-padded and completions right-padded to the longest; masks and log-probs follow."""
+    P = max(b.prompt_len for b in parts)
+    T = max(b.tokens_BT.shape[1] for b in parts)
+
+    def pad(x: torch.Tensor, left: int, right: int, value=0) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    cols = {"input_ids_BL": [], "attention_mask_BL": [], "tokens_BT": [], "mask_BT": [], "behaviour_logp_BT": []}
+    for b in parts:
+        left, right = P - b.prompt_len, T - b.tokens_BT.shape[1]
+        prompt, completion = b.input_ids_BL[:, :b.prompt_len], b.input_ids_BL[:, b.prompt_len:]
+        cols["input_ids_BL"].append(torch.cat([pad(prompt, left, 0, pad_id), pad(completion, 0, right, pad_id)], 1))
+        cols["attention_mask_BL"].append(torch.cat([pad(b.attention_mask_BL[:, :b.prompt_len], left, 0),
+                                                    pad(b.attention_mask_BL[:, b.prompt_len:], 0, right)], 1))
+        cols["tokens_BT"].append(pad(b.tokens_BT, 0, right, pad_id))
+        cols["mask_BT"].append(pad(b.mask_BT, 0, right, False))
+        cols["behaviour_logp_BT"].append(pad(b.behaviour_logp_BT, 0, right))
+    return Batch(**{k: torch.cat(v) for k, v in cols.items()}, prompt_len=P,
+                 prompt_index_B=torch.cat([b.prompt_index_B + o for b, o in zip(parts, offsets)]),
+                 completions=[c for b in parts for c in b.completions],
+                 prompt_texts=[t for b in parts for t in b.prompt_texts])
+
+
+def _ended_with_eos(rollouts: Batch, tokenizer) -> torch.Tensor:
     """(B,) bool: the completion's last kept token is EOS (it stopped by itself, not by max_new_tokens)."""
-    lengths_B = rollouts.completion_mask.sum(1)
-    last_B = rollouts.completion_ids.gather(1, (lengths_B - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    lengths_B = rollouts.mask_BT.sum(1)
+    last_B = rollouts.tokens_BT.gather(1, (lengths_B - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     return (lengths_B > 0) & (last_B == tokenizer.eos_token_id)
 
 

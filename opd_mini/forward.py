@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from opd_mini.losses import token_logprobs
-from opd_mini.rollouts import Rollouts
+from opd_mini.batch import Batch
 
 
 def is_peft(model) -> bool:
@@ -35,12 +35,12 @@ def embedding_rows(model) -> int:
     return int(rows if rows is not None else model.config.vocab_size)
 
 
-def on_model_device(model, rollouts: Rollouts) -> Rollouts:
+def on_model_device(model, rollouts: Batch) -> Batch:
     device = next(model.parameters()).device
-    return rollouts if rollouts.input_ids.device == device else rollouts.to(device)
+    return rollouts if rollouts.input_ids_BL.device == device else rollouts.to(device)
 
 
-def completion_hidden(model, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn.Module]:
+def completion_hidden(model, rollouts: Batch) -> tuple[torch.Tensor, torch.nn.Module]:
     """Final hidden states at the positions that predict the completion tokens, and the output head.
 
     Returns ``(hidden_BTH, lm_head)`` with ``lm_head(hidden_BTH)`` = the logits of
@@ -52,9 +52,9 @@ def completion_hidden(model, rollouts: Rollouts) -> tuple[torch.Tensor, torch.nn
     base = base_model(model)
     decoder = getattr(base, base.base_model_prefix)  # e.g. LlamaModel: embeddings, blocks, final norm
     rollouts = on_model_device(model, rollouts)
-    P, T = rollouts.prompt_len, rollouts.completion_ids.shape[1]
-    out = decoder(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
-                  position_ids=rollouts.position_ids(), use_cache=False)
+    P, T = rollouts.prompt_len, rollouts.tokens_BT.shape[1]
+    out = decoder(input_ids=rollouts.input_ids_BL, attention_mask=rollouts.attention_mask_BL,
+                  position_ids=rollouts.position_ids_BL(), use_cache=False)
     hidden_BTH = out.last_hidden_state[:, P - 1:P + T - 1]
     return hidden_BTH, base.get_output_embeddings()
 
@@ -70,44 +70,54 @@ def project_logits(model, hidden_BTH: torch.Tensor, vocab_size: int | None = Non
     return logits_BTV[..., :vocab_size] if vocab_size is not None else logits_BTV
 
 
-#: Elements of one (B, C, V) logits chunk when the chunk size is chosen automatically: 2^22 fp32 = 16 MB.
-AUTO_CHUNK_ELEMENTS = 2 ** 22
+#: Elements of the largest logits chunk the no-grad paths (scoring, behaviour log-probs, evaluation) hold at
+#: once: 2^22, 16 MB in fp32, e.g. 27 rows × 1 position at V = 151,936, or the whole (B, T) of a small vocabulary.
+CHUNK_ELEMENTS = 2 ** 22
+
+
+def logit_chunks(B: int, T: int, V: int, *, positions: int | None = None,
+                 budget: int = CHUNK_ELEMENTS) -> list[tuple[slice, slice]]:
+    """(rows, positions) slices covering a (B, T) grid so that each chunk's (R, C, V) logits hold at most
+    ``budget`` elements (at least one row × one position): whole rows of several positions while they fit,
+    else fewer rows of one position. ``positions`` fixes C instead (all rows per chunk). The same (B, T, V)
+    gives the same chunks everywhere, so two sides that score one batch use the same ops on the same shapes."""
+    if positions:
+        return [(slice(0, B), slice(t, t + positions)) for t in range(0, T, positions)]
+    C = min(T, max(1, budget // max(1, B * V)))
+    R = B if C > 1 or B * V <= budget else max(1, budget // max(1, V))
+    return [(slice(b, b + R), slice(t, t + C)) for b in range(0, B, R) for t in range(0, T, C)]
 
 
 @torch.no_grad()
-def sampled_token_logprobs(model, rollouts: Rollouts, vocab_size: int | None = None,
+def sampled_token_logprobs(model, rollouts: Batch, vocab_size: int | None = None,
                            chunk_size: int | None = None) -> torch.Tensor:
-    """log π(y_t|c_t) of the rollouts' completion tokens under ``model``, shape (B, T), no grad; 0 where
-    the completion mask is False. One forward of the decoder, then the output head in chunks of
-    ``chunk_size`` positions, so the (B, T, V) logits never sit in memory at once (None: as many positions
-    as keep a chunk near :data:`AUTO_CHUNK_ELEMENTS`, e.g. 3 at B = 8, V = 151,936; the whole T for a
-    small vocabulary). Each position's value does not depend on the chunking."""
+    """log π(y_t|c_t) of the batch's completion tokens under ``model``, shape (B, T), no grad; 0 where the
+    mask is False. One forward of the decoder, then the output head chunk by chunk (:func:`logit_chunks`;
+    ``chunk_size`` positions of every row when given), so the (B, T, V) logits never sit in memory at once.
+    Each position's value does not depend on the chunking."""
     hidden_BTH, _ = completion_hidden(model, rollouts)
-    ids_BT = rollouts.completion_ids.to(hidden_BTH.device)
-    if chunk_size is None:
-        B, V = ids_BT.shape[0], vocab_size or base_model(model).get_output_embeddings().out_features
-        chunk_size = max(1, AUTO_CHUNK_ELEMENTS // max(1, B * V))
-    chunks = []
-    for start in range(0, ids_BT.shape[1], chunk_size):
-        logits_BCV = project_logits(model, hidden_BTH[:, start:start + chunk_size], vocab_size)
-        y_BC = ids_BT[:, start:start + chunk_size].clamp(max=logits_BCV.shape[-1] - 1)  # masked pads may exceed V
-        chunks.append(token_logprobs(logits_BCV, y_BC))
-    logp_BT = torch.cat(chunks, dim=1)
-    return torch.where(rollouts.completion_mask.to(logp_BT.device), logp_BT, torch.zeros_like(logp_BT))
+    ids_BT = rollouts.tokens_BT.to(hidden_BTH.device)
+    B, T = ids_BT.shape
+    V = vocab_size or base_model(model).get_output_embeddings().out_features
+    logp_BT = torch.zeros(B, T, device=hidden_BTH.device)
+    for rows, cols in logit_chunks(B, T, V, positions=chunk_size):
+        logits_RCV = project_logits(model, hidden_BTH[rows, cols], vocab_size)
+        logp_BT[rows, cols] = token_logprobs(logits_RCV, ids_BT[rows, cols].clamp(max=logits_RCV.shape[-1] - 1))
+    return torch.where(rollouts.mask_BT.to(logp_BT.device), logp_BT, torch.zeros_like(logp_BT))
 
 
-def completion_logits(model, rollouts: Rollouts, vocab_size: int | None = None) -> torch.Tensor:
+def completion_logits(model, rollouts: Batch, vocab_size: int | None = None) -> torch.Tensor:
     """Student logits (B, T, V) at the positions predicting the completion tokens, with grad.
 
-    One forward over ``input_ids`` (prompt + completion) with the rollouts' attention mask and position
+    One forward over ``input_ids_BL`` (prompt + completion) with the rollouts' attention mask and position
     ids; the logits at sequence positions P-1 .. P+T-2 predict completion tokens 0 .. T-1. Only those
     T positions are projected on the vocabulary (``logits_to_keep``). Trimmed to ``vocab_size``
-    (the shared tokenizer length) when given. ``token_logprobs(completion_logits(m, r), r.completion_ids)``
-    reproduces the sampler's ``behaviour_logp`` on the masked-in positions.
+    (the shared tokenizer length) when given. ``token_logprobs(completion_logits(m, r), r.tokens_BT)``
+    reproduces the sampler's ``behaviour_logp_BT`` on the masked-in positions.
     """
     rollouts = on_model_device(model, rollouts)
-    T = rollouts.completion_ids.shape[1]
-    out = model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
-                position_ids=rollouts.position_ids(), use_cache=False, logits_to_keep=T + 1)
+    T = rollouts.tokens_BT.shape[1]
+    out = model(input_ids=rollouts.input_ids_BL, attention_mask=rollouts.attention_mask_BL,
+                position_ids=rollouts.position_ids_BL(), use_cache=False, logits_to_keep=T + 1)
     logits_BTV = out.logits[:, :-1]  # the last position predicts past the end of the sequence
     return logits_BTV[..., :vocab_size] if vocab_size is not None else logits_BTV

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,11 +24,23 @@ class QuantizationError(RuntimeError):
     exit_code = 2
 
 
+def native_bf16(device: str | torch.device = "cuda") -> bool:
+    """True on a CUDA GPU with native bfloat16 (compute capability 8.0 or newer): ``is_bf16_supported()`` alone
+    also counts emulation, which runs bf16 on older cards many times slower."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch without the argument
+        return torch.cuda.get_device_capability()[0] >= 8
+
+
 def default_compute_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 on a CUDA GPU that supports it (else float16); float32 elsewhere (CPUs have no fast bf16)."""
+    """bfloat16 on a CUDA GPU with native bf16 (else float16, for a 4/8-bit teacher's compute); float32
+    elsewhere (CPUs have no fast bf16)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.float32
 
 
@@ -77,9 +90,13 @@ def load_pretrained(name_or_path, *, quantization: str = "none", device: str | t
         raise ValueError(_not_loadable(name_or_path, e)) from None
     except (ValueError, TypeError):
         raise  # a bad argument: the library's message is the clearest
+    except torch.OutOfMemoryError:
+        raise QuantizationError(f"loading {name_or_path} with {quantization} quantization ran out of memory on {device}: "
+                                "free the GPU (other processes, a smaller --eval_prompts), or pick a smaller teacher; "
+                                "loading it unquantized would need several times more memory") from None
     except Exception as e:  # bitsandbytes backend failures come in many types
         raise QuantizationError(f"loading {name_or_path} with {quantization} quantization on {device} failed "
-                                f"({type(e).__name__}: {e}); {_NO_QUANT_HINT}") from e
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); {_NO_QUANT_HINT}") from e
 
 
 def _not_loadable(name_or_path, error: Exception) -> str:
@@ -89,15 +106,19 @@ def _not_loadable(name_or_path, error: Exception) -> str:
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """``device`` auto|cpu|cuda and ``dtype`` auto|float32|bfloat16|float16 → concrete values
-    (auto: cuda when available; bf16 on a cuda GPU that supports it, else fp32)."""
+    """``device`` auto|cpu|cuda and ``dtype`` auto|float32|bfloat16|float16 → concrete values (auto: cuda when
+    available; bf16 on a cuda GPU with native bf16, else fp32). bfloat16 asked for on a GPU that only emulates
+    it falls back to float32, with a one-line notice."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch.cuda.is_available() is False: use --device cpu (or auto)")
     resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                             ("cpu" if device == "auto" else device))
     if dtype == "auto":
-        bf16 = resolved.type == "cuda" and torch.cuda.is_bf16_supported()
-        return resolved, torch.bfloat16 if bf16 else torch.float32
+        return resolved, torch.bfloat16 if native_bf16(resolved) else torch.float32
+    if dtype == "bfloat16" and resolved.type == "cuda" and not native_bf16(resolved):
+        print(f"notice: {torch.cuda.get_device_name(resolved)} has no native bfloat16 (it would be emulated, many times "
+              "slower): training in float32 instead", file=sys.stderr)
+        return resolved, torch.float32
     if dtype == "float16" and resolved.type == "cpu":
         raise ValueError("dtype='float16' on the CPU overflows in sampling (NaN probabilities after a step): use "
                          "--dtype float32 (or bfloat16)")

@@ -41,6 +41,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from opd_mini.divergences import divergence
+from opd_mini.tensors import (check_bt, check_same_shape, check_unit_interval, denominator, fill_masked, masked_mean,
+                              masked_sum)
+
 Metrics = dict[str, torch.Tensor]
 
 #: Teacher log-probabilities are clamped here inside reverse-KL terms (see module docstring).
@@ -70,72 +74,6 @@ METRIC_DOCS: dict[str, str] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# validation and shared helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _check_unit_interval(name: str, value: float) -> float:
-    value = float(value)
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return value
-
-
-def _check_bt(mask_BT: torch.Tensor, **tensors: torch.Tensor | None) -> torch.Tensor:
-    """Check the inputs' shapes against the mask's (B, T); return the mask as bool.
-
-    Names ending in ``_BT`` must be exactly (B, T); names ending in ``_BTV``/``_BTK`` must be 3-d with
-    (B, T) leading. A wrong shape is a ValueError, never a silent broadcast.
-    """
-    if mask_BT.dim() != 2:
-        raise ValueError(f"mask_BT must have shape (B, T), got {tuple(mask_BT.shape)}")
-    BT = tuple(mask_BT.shape)
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        ok = tuple(t.shape) == BT if name.endswith("_BT") else (t.dim() == 3 and tuple(t.shape[:2]) == BT)
-        if not ok:
-            want = "(B, T)" if name.endswith("_BT") else "(B, T, V)" if name.endswith("_BTV") else "(B, T, K)"
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but mask_BT has shape {BT}: {name} must be {want} and its (B, T) must match")
-    return mask_BT.bool()
-
-
-def _fill_masked(x: torch.Tensor, mask: torch.Tensor, value: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """Replace masked-out positions of a (B, T) or (B, T, ·) tensor by a finite value *before* any
-    arithmetic, so NaN/inf there can reach neither the loss nor (through 0 · NaN) its gradient."""
-    m = mask.view(mask.shape + (1,) * (x.dim() - mask.dim()))
-    return torch.where(m, x, torch.as_tensor(value, dtype=x.dtype, device=x.device))
-
-
-def _check_same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}; they must match")
-
-
-def _denominator(mask: torch.Tensor, num_tokens: float | int | torch.Tensor | None) -> torch.Tensor:
-    if num_tokens is None:
-        return mask.sum().clamp(min=1).float()
-    n = torch.as_tensor(num_tokens, dtype=torch.float32, device=mask.device)
-    if not torch.isfinite(n) or n <= 0:
-        raise ValueError(f"num_tokens must be a positive number of masked-in tokens, got {num_tokens}")
-    return n
-
-
-def _masked_sum(x_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # torch.where (not x * mask) so inf/NaN at masked-out positions cannot leak into the sum
-    return torch.where(mask, x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device)).sum()
-
-
-def _masked_mean(x_BT: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Detached mean over the masked-in positions (for metrics; 0 when the mask is empty)."""
-    return (_masked_sum(x_BT.detach().float(), mask) / mask.sum().clamp(min=1)).detach()
-
-
-def _log_probs(logits_BTV: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(_fill_masked(logits_BTV.float(), mask), dim=-1)
-
-
 def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """Σ_v a(v) (log a(v) − log b(v)) over the last dim, with 0 · anything = 0 where a(v) = 0."""
     p_a = logp_a.exp()
@@ -148,14 +86,15 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, logp, torch.zeros((), device=logp.device))).sum(-1)
 
 
-def _teacher_full(teacher_logp_BTV: torch.Tensor, V: int, mask: torch.Tensor) -> torch.Tensor:
+def _teacher_full(teacher_logp_BTV: torch.Tensor, V: int) -> torch.Tensor:
+    """The teacher's log-probs in float32, checked against the student's vocabulary (masked-out rows are made
+    uniform by :func:`opd_mini.divergences.divergence`)."""
     if teacher_logp_BTV.shape[-1] != V:
         raise ValueError(
             f"teacher_logp_BTV has vocabulary size {teacher_logp_BTV.shape[-1]} but the student has {V}: "
             "student and teacher must share a vocabulary (trim padded embedding rows to the tokenizer length)"
         )
-    # masked-out rows become the uniform log-prob -log V: finite, and never read
-    return _fill_masked(teacher_logp_BTV.float(), mask, -math.log(V))
+    return teacher_logp_BTV.float()
 
 
 def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
@@ -167,6 +106,8 @@ def token_logprobs(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.T
         raise ValueError(
             f"logits_BTV has shape {tuple(logits_BTV.shape)} but tokens_BT has shape {tuple(tokens_BT.shape)}"
         )
+    if tokens_BT.is_floating_point() or tokens_BT.dtype == torch.bool:
+        raise ValueError(f"tokens_BT must hold integer token ids, got {tokens_BT.dtype}")
     if tokens_BT.numel() and (tokens_BT.min() < 0 or tokens_BT.max() >= logits_BTV.shape[-1]):
         raise ValueError(f"tokens_BT holds ids outside [0, {logits_BTV.shape[-1]}); replace padding ids (e.g. -100) by a valid id and mask them")
     logits = logits_BTV.float()
@@ -180,7 +121,7 @@ def mask_special_tokens(mask_BT: torch.Tensor, tokens_BT: torch.Tensor, special_
     Special tokens (EOS, chat markers) are where student and teacher tokenisations disagree most, and a
     one-token comparison there produces false negatives (Fu et al. 2026, §4.2). Returns a bool mask.
     """
-    mask = _check_bt(mask_BT, tokens_BT=tokens_BT)
+    mask = check_bt(mask_BT, tokens_BT=tokens_BT)
     ids = torch.as_tensor(list(special_ids), dtype=tokens_BT.dtype, device=tokens_BT.device)
     if ids.numel() == 0:
         return mask
@@ -198,8 +139,8 @@ def return_to_go(x_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> tor
     γ = 0 gives ``G_t = x_t`` (no coupling to the future); γ = 1 the plain reverse cumulative sum.
     Discounting counts positions, so a masked-out token inside the completion still ages the discount.
     """
-    gamma = _check_unit_interval("gamma", gamma)
-    mask = _check_bt(mask_BT, x_BT=x_BT)
+    gamma = check_unit_interval("gamma", gamma)
+    mask = check_bt(mask_BT, x_BT=x_BT)
     x = torch.where(mask, x_BT.float(), torch.zeros((), device=x_BT.device))
     if gamma == 0.0:
         return x
@@ -271,15 +212,15 @@ def policy_gradient(
     """
     if advantages_BT.dim() == 1:
         advantages_BT = advantages_BT.unsqueeze(1).expand(-1, student_logp_BT.shape[1])
-    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, advantages_BT=advantages_BT,
+    mask = check_bt(mask_BT, student_logp_BT=student_logp_BT, advantages_BT=advantages_BT,
                      behaviour_logp_BT=behaviour_logp_BT)
-    logp = _fill_masked(student_logp_BT.float(), mask)
-    reference = logp.detach() if behaviour_logp_BT is None else _fill_masked(behaviour_logp_BT.float(), mask)
+    logp = fill_masked(student_logp_BT.float(), mask)
+    reference = logp.detach() if behaviour_logp_BT is None else fill_masked(behaviour_logp_BT.float(), mask)
     ratio = torch.exp(logp - reference)
-    adv = _fill_masked(advantages_BT.detach().float(), mask)
-    loss = -_masked_sum(ratio * adv, mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "pg/ratio_mean": _masked_mean(ratio, mask),
-                  "opd/advantage_mean": _masked_mean(adv, mask)}
+    adv = fill_masked(advantages_BT.detach().float(), mask)
+    loss = -masked_sum(ratio * adv, mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "pg/ratio_mean": masked_mean(ratio, mask),
+                  "opd/advantage_mean": masked_mean(adv, mask)}
 
 
 def reverse_kl_sampled_token(
@@ -311,17 +252,17 @@ def reverse_kl_sampled_token(
     gradient above divided by N. Shapes: student_logp_BT (B, T) with grad, teacher_logp_BT (B, T),
     behaviour_logp_BT (B, T) or None, mask_BT (B, T).
     """
-    gamma = _check_unit_interval("gamma", gamma)
+    gamma = check_unit_interval("gamma", gamma)
     if clip_log_ratio is not None and not (clip_log_ratio > 0):
         raise ValueError(f"clip_log_ratio must be > 0 or None, got {clip_log_ratio}")
-    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
+    mask = check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
                      behaviour_logp_BT=behaviour_logp_BT)
-    _check_same_shape("student_logp_BT", student_logp_BT, "teacher_logp_BT", teacher_logp_BT)
-    log_ratio = _fill_masked(student_logp_BT.detach().float() - teacher_logp_BT.float().clamp(min=LOGP_FLOOR), mask)
-    metrics = {"kl/reverse_sampled": _masked_mean(log_ratio, mask),
-               "opd/neg_reward_frac": _masked_mean((log_ratio > 0).float(), mask)}
+    check_same_shape("student_logp_BT", student_logp_BT, "teacher_logp_BT", teacher_logp_BT)
+    log_ratio = fill_masked(student_logp_BT.detach().float() - teacher_logp_BT.float().clamp(min=LOGP_FLOOR), mask)
+    metrics = {"kl/reverse_sampled": masked_mean(log_ratio, mask),
+               "opd/neg_reward_frac": masked_mean((log_ratio > 0).float(), mask)}
     if clip_log_ratio is not None:
-        metrics["opd/clip_frac"] = _masked_mean((log_ratio.abs() > clip_log_ratio).float(), mask)
+        metrics["opd/clip_frac"] = masked_mean((log_ratio.abs() > clip_log_ratio).float(), mask)
         log_ratio = log_ratio.clamp(-clip_log_ratio, clip_log_ratio)
     advantages = -return_to_go(log_ratio, mask, gamma)
     loss, pg_metrics = policy_gradient(student_logp_BT, advantages, mask,
@@ -333,9 +274,9 @@ def sft_cross_entropy(student_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, n
     """Baseline: supervised fine-tuning, ``−(1/N) Σ_t log π_θ(y_t|c_t)`` on target tokens y (off-policy
     when y comes from the teacher). Equals the forward KL KL(data ‖ π_θ) up to the data's entropy.
     Shapes: student_logp_BT (B, T) with grad, mask_BT (B, T)."""
-    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT)
-    loss = -_masked_sum(student_logp_BT.float(), mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "loss/sft": _masked_mean(-student_logp_BT.float(), mask)}
+    mask = check_bt(mask_BT, student_logp_BT=student_logp_BT)
+    loss = -masked_sum(student_logp_BT.float(), mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "loss/sft": masked_mean(-student_logp_BT.float(), mask)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,12 +295,11 @@ def reverse_kl_full(
     gradient flows through the student distribution at each prefix (not through the sampling of the
     prefixes). Shapes: student_logits_BTV (B, T, V), teacher_logp_BTV (B, T, V), mask_BT (B, T).
     """
-    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV, mask)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask).clamp(min=LOGP_FLOOR)
-    kl_BT = _kl_terms(logp, logq)
-    loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "kl/reverse_full": _masked_mean(kl_BT, mask)}
+    mask = check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    logq = _teacher_full(teacher_logp_BTV, student_logits_BTV.shape[-1])
+    kl_BT = divergence(student_logits_BTV, logq, mask, "reverse", floor=LOGP_FLOOR)
+    loss = masked_sum(kl_BT, mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/reverse_full": masked_mean(kl_BT, mask)}
 
 
 def forward_kl_full(
@@ -372,12 +312,11 @@ def forward_kl_full(
     Token-level knowledge distillation on student prefixes; GKD with β = 0 (Agarwal et al. 2024).
     Teacher zeros contribute 0. Shapes as :func:`reverse_kl_full`.
     """
-    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV, mask)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
-    kl_BT = _kl_terms(logq, logp)
-    loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "kl/forward_full": _masked_mean(kl_BT, mask)}
+    mask = check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    kl_BT = divergence(student_logits_BTV, _teacher_full(teacher_logp_BTV, student_logits_BTV.shape[-1]), mask,
+                       "forward")
+    loss = masked_sum(kl_BT, mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/forward_full": masked_mean(kl_BT, mask)}
 
 
 def generalized_jsd(
@@ -399,22 +338,17 @@ def generalized_jsd(
     for 0 < β < 1 the unscaled JSD(β) is returned (its size shrinks like β(1 − β) near the ends).
     β = 0.5 is the symmetric Jensen-Shannon divergence. Shapes as :func:`reverse_kl_full`.
     """
-    beta = _check_unit_interval("beta", beta)
+    beta = check_unit_interval("beta", beta)
     if beta == 0.0:
         return forward_kl_full(student_logits_BTV, teacher_logp_BTV, mask_BT, num_tokens=num_tokens)
     if beta == 1.0:
         return reverse_kl_full(student_logits_BTV, teacher_logp_BTV, mask_BT, num_tokens=num_tokens)
-    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV, mask)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
-    # log m = log(β q + (1-β) π); logaddexp is much faster than stack + logsumexp on CPU. Where both are
-    # zero, m is zero too; logaddexp(−inf, −inf) would give a NaN gradient there, so those entries bypass it
-    a, b = logq + math.log(beta), logp + math.log1p(-beta)
-    both_zero = torch.isneginf(a) & torch.isneginf(b)
-    logm = torch.logaddexp(a.masked_fill(both_zero, 0.0), b.masked_fill(both_zero, 0.0)).masked_fill(both_zero, -math.inf)
-    jsd_BT = beta * _kl_terms(logq, logm) + (1.0 - beta) * _kl_terms(logp, logm)
-    loss = _masked_sum(jsd_BT, mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "kl/jsd": _masked_mean(jsd_BT, mask)}
+    mask = check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    # log m = log(β q + (1-β) π) with logaddexp (much faster than stack + logsumexp on CPU; see divergences)
+    jsd_BT = divergence(student_logits_BTV, _teacher_full(teacher_logp_BTV, student_logits_BTV.shape[-1]), mask,
+                        "jsd", beta)
+    loss = masked_sum(jsd_BT, mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/jsd": masked_mean(jsd_BT, mask)}
 
 
 def reverse_kl_topk(
@@ -444,9 +378,9 @@ def reverse_kl_topk(
     (B, T, K) = log q(v|c_t) over the full vocabulary; sampled_ids_BT and teacher_sampled_logp_BT (B, T),
     both given to add y_t to the support (a token already in the top-K is not counted twice).
     """
-    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_topk_ids_BTK=teacher_topk_ids_BTK,
+    mask = check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_topk_ids_BTK=teacher_topk_ids_BTK,
                      sampled_ids_BT=sampled_ids_BT, teacher_sampled_logp_BT=teacher_sampled_logp_BT)
-    _check_same_shape("teacher_topk_ids_BTK", teacher_topk_ids_BTK, "teacher_topk_logp_BTK", teacher_topk_logp_BTK)
+    check_same_shape("teacher_topk_ids_BTK", teacher_topk_ids_BTK, "teacher_topk_logp_BTK", teacher_topk_logp_BTK)
     V, K = student_logits_BTV.shape[-1], teacher_topk_ids_BTK.shape[-1]
     if not (1 <= K <= V):
         raise ValueError(f"top-K support size K must satisfy 1 <= K <= V={V}, got K={K}")
@@ -455,11 +389,10 @@ def reverse_kl_topk(
     if (sampled_ids_BT is None) != (teacher_sampled_logp_BT is None):
         raise ValueError("pass both sampled_ids_BT and teacher_sampled_logp_BT to add the sampled token, or neither")
 
-    logp = _log_probs(student_logits_BTV, mask)
     ids = teacher_topk_ids_BTK.long()
     if ids.numel() and (ids.min() < 0 or ids.max() >= V):
         raise ValueError(f"teacher_topk_ids_BTK holds ids outside [0, {V})")
-    logq_k = _fill_masked(teacher_topk_logp_BTK.float(), mask).clamp(min=LOGP_FLOOR)
+    logq_k = fill_masked(teacher_topk_logp_BTK.float(), mask).clamp(min=LOGP_FLOOR)
     valid_k = torch.ones_like(ids, dtype=torch.bool)
     if sampled_ids_BT is not None:
         if sampled_ids_BT.numel() and (sampled_ids_BT.min() < 0 or sampled_ids_BT.max() >= V):
@@ -467,21 +400,26 @@ def reverse_kl_topk(
         y = sampled_ids_BT.long().unsqueeze(-1)
         already = (ids == y).any(-1, keepdim=True)
         ids = torch.cat([ids, y], dim=-1)
-        logq_k = torch.cat([logq_k, _fill_masked(teacher_sampled_logp_BT.float(), mask).clamp(min=LOGP_FLOOR).unsqueeze(-1)], dim=-1)
+        logq_k = torch.cat([logq_k, fill_masked(teacher_sampled_logp_BT.float(), mask).clamp(min=LOGP_FLOOR).unsqueeze(-1)], dim=-1)
         valid_k = torch.cat([valid_k, ~already], dim=-1)
-    neg_inf = torch.tensor(float("-inf"), device=logp.device)
-    logp_k = torch.where(valid_k, logp.gather(-1, ids), neg_inf)
+    neg_inf = torch.tensor(float("-inf"), device=student_logits_BTV.device)
+    # only the support's logits carry the gradient; the normaliser over the whole vocabulary is needed by the
+    # loss without renormalisation alone (with it, log π_S = z_S − logsumexp(z_S)), else only by the metric
+    z_k = fill_masked(student_logits_BTV.gather(-1, ids).float(), mask)
+    with torch.no_grad() if renormalize else torch.enable_grad():
+        lse_BT1 = fill_masked(torch.logsumexp(student_logits_BTV.float(), -1, keepdim=True), mask)
+    logp_k = torch.where(valid_k, z_k - lse_BT1.detach() if renormalize else z_k - lse_BT1, neg_inf)
     logq_k = torch.where(valid_k, logq_k, neg_inf)
-    student_mass = torch.logsumexp(logp_k, -1).exp()
+    student_mass = torch.logsumexp(logp_k.detach(), -1).exp()
     teacher_mass = torch.logsumexp(logq_k, -1).exp()
     if renormalize:
         logp_k = logp_k - torch.logsumexp(logp_k, -1, keepdim=True)
         logq_k = logq_k - torch.logsumexp(logq_k, -1, keepdim=True)
     kl_BT = _kl_terms(logp_k, logq_k)
-    loss = _masked_sum(kl_BT, mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "kl/reverse_topk": _masked_mean(kl_BT, mask),
-                  "student/topk_mass": _masked_mean(student_mass, mask),
-                  "teacher/topk_mass": _masked_mean(teacher_mass, mask)}
+    loss = masked_sum(kl_BT, mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/reverse_topk": masked_mean(kl_BT, mask),
+                  "student/topk_mass": masked_mean(student_mass, mask),
+                  "teacher/topk_mass": masked_mean(teacher_mass, mask)}
 
 
 def entropy_aware_kl(
@@ -506,18 +444,18 @@ def entropy_aware_kl(
     """
     if not (entropy_threshold >= 0):
         raise ValueError(f"entropy_threshold must be >= 0 nats, got {entropy_threshold}")
-    mask = _check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
-    logp = _log_probs(student_logits_BTV, mask)
-    logq = _teacher_full(teacher_logp_BTV, logp.shape[-1], mask)
-    entropy_BT = _entropy(logq)
+    mask = check_bt(mask_BT, student_logits_BTV=student_logits_BTV, teacher_logp_BTV=teacher_logp_BTV)
+    logq = _teacher_full(teacher_logp_BTV, student_logits_BTV.shape[-1])
+    with torch.no_grad():
+        entropy_BT = _entropy(fill_masked(logq, mask, -math.log(logq.shape[-1])))
     high_BT = entropy_BT > entropy_threshold
-    rkl_BT = _kl_terms(logp, logq.clamp(min=LOGP_FLOOR))
-    fkl_BT = _kl_terms(logq, logp)
+    rkl_BT = divergence(student_logits_BTV, logq, mask, "reverse", floor=LOGP_FLOOR)
+    fkl_BT = divergence(student_logits_BTV, logq, mask, "forward")
     per_token = rkl_BT + torch.where(high_BT, fkl_BT, torch.zeros((), device=fkl_BT.device))
-    loss = _masked_sum(per_token, mask) / _denominator(mask, num_tokens)
-    return loss, {"loss/total": loss.detach(), "kl/reverse_full": _masked_mean(rkl_BT, mask),
-                  "kl/forward_full": _masked_mean(fkl_BT, mask), "teacher/entropy": _masked_mean(entropy_BT, mask),
-                  "opd/high_entropy_frac": _masked_mean(high_BT.float(), mask)}
+    loss = masked_sum(per_token, mask) / denominator(mask, num_tokens)
+    return loss, {"loss/total": loss.detach(), "kl/reverse_full": masked_mean(rkl_BT, mask),
+                  "kl/forward_full": masked_mean(fkl_BT, mask), "teacher/entropy": masked_mean(entropy_BT, mask),
+                  "opd/high_entropy_frac": masked_mean(high_BT.float(), mask)}
 
 
 def opd_grpo(
@@ -546,7 +484,7 @@ def opd_grpo(
     [−c, c]. Shapes: student_logp_BT (B, T) with grad, teacher_logp_BT and behaviour_logp_BT (B, T),
     rewards_B (B,), mask_BT (B, T).
     """
-    mask = _check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
+    mask = check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
                      behaviour_logp_BT=behaviour_logp_BT)
     log_ratio_BT = behaviour_logp_BT - teacher_logp_BT.clamp(min=LOGP_FLOOR)
     if clip_log_ratio:

@@ -51,11 +51,109 @@ class Models:
         """The model that scores as the teacher (the student itself when its base is the teacher), or None."""
         return self.student if self.teacher_is_student_base else self.teacher
 
-    def teacher_for(self, task: str) -> TeacherRef:
-        """The teacher of the task ``task`` (its spec): its entry in ``teachers``, else the one teacher."""
+    @property
+    def has_teacher(self) -> bool:
+        return bool(self.teachers) or self.scorer is not None
+
+    def teacher_for(self, task: str) -> TeacherRef | None:
+        """The teacher of the task ``task`` (its spec): its entry in ``teachers`` (None for a task without one,
+        e.g. an evaluation-only task), else the one teacher."""
         if self.teachers:
-            return self.teachers[task]
+            return self.teachers.get(task)
         return TeacherRef(self.scorer, self.teacher_is_student_base, self.teacher_path)
+
+    def describe(self, spec) -> dict:
+        """What was loaded and what trains, read off the models themselves (the summary's ``ran``): the student
+        (its adapter's real shape), each task's teacher (its real quantization), the loss function and its file."""
+        refs = self.teachers or ({"*": self.teacher_for("*")} if self.has_teacher else {})
+        return {"student": self.student_path, "adapter": adapter_shape(self.student),
+                "teachers": {task: {"path": ref.path, "student_base": ref.is_student_base,
+                                    "quantization": "none" if ref.is_student_base else loaded_quantization(ref.model)}
+                             for task, ref in refs.items()},
+                "loss": describe_loss(spec)}
+
+
+def adapter_shape(model) -> dict | None:
+    """The LoRA adapter's real shape (r, alpha, dropout, target modules), from peft's own config; None when the
+    student is trained in full."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if config is None:
+        return None
+    targets = config.target_modules
+    return {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+
+
+def loaded_quantization(model) -> str:
+    """``4bit``, ``8bit`` or ``none``: how the model's weights are actually stored."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4bit"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "8bit"
+    return "none"
+
+
+def describe_loss(spec) -> dict:
+    """The loss that trains: its name, its function and file, and the built-in it replaced (a plugin)."""
+    import inspect
+
+    try:
+        source = inspect.getsourcefile(spec.fn)
+    except TypeError:
+        source = None
+    return {"name": spec.name, "function": f"{spec.fn.__module__}.{spec.fn.__qualname__}", "file": source,
+            "replaced": spec.replaced or None}
+
+
+def effective_config(cfg: TrainConfig, task) -> TrainConfig:
+    """The run's effective config, resolved once before anything loads: every path reads it, and it is what the
+    run records. An ``init_adapter`` keeps its own LoRA shape: fields left at their defaults take the adapter's
+    values, and a value given that differs from the adapter's is refused. A mixture whose part would get no
+    prompt in a step is refused."""
+    from dataclasses import fields as dc_fields
+
+    from opd_mini.tasks import MixTask
+
+    if isinstance(task, MixTask) and cfg.teacher_sample_pool:
+        raise ValueError(f"teacher_sample_pool={cfg.teacher_sample_pool} is not supported with a mixture of tasks "
+                         f"({task.name}); use 0 (fresh teacher samples every step)")
+    if isinstance(task, MixTask):
+        counts = task.counts(cfg.prompts_per_step)
+        for (part, weight), n in zip(task.parts, counts):
+            if n == 0:
+                raise ValueError(f"task {part.name} (weight {weight:g} in --task {cfg.task!r}) gets none of the "
+                                 f"{cfg.prompts_per_step} prompts of a step: raise --prompts_per_step or its weight")
+    if not cfg.init_adapter:
+        return cfg
+    shape = _saved_adapter_shape(cfg.init_adapter)
+    defaults = {f.name: f.default for f in dc_fields(cfg)}
+    changes = {}
+    for name, value in shape.items():
+        given = getattr(cfg, name)
+        same = (_targets(given) == _targets(value)) if name == "lora_target_modules" else given == value
+        if same:
+            continue
+        if given != defaults[name]:
+            raise ValueError(f"--{name} {given} does not match init_adapter={cfg.init_adapter!r}, whose {name} is "
+                             f"{value}: a saved adapter keeps its own shape; drop --{name} or give {value}")
+        changes[name] = value
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _saved_adapter_shape(adapter_dir: str) -> dict:
+    config = os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"init_adapter={adapter_dir!r} holds no adapter_config.json: give a LoRA adapter directory "
+                         "(a run's checkpoints/step_XXXXXX/model)")
+    saved = json.loads(open(config).read())
+    targets = saved.get("target_modules")
+    targets = ",".join(sorted(targets)) if isinstance(targets, (list, tuple)) else str(targets)
+    return {"lora_r": int(saved["r"]), "lora_alpha": float(saved["lora_alpha"]),
+            "lora_dropout": float(saved.get("lora_dropout", 0.0)), "lora_target_modules": targets}
+
+
+def _targets(spec: str) -> set[str] | str:
+    return spec if spec == "all-linear" else {m.strip() for m in spec.split(",") if m.strip()}
 
 
 def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
@@ -70,10 +168,7 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     for role, path in paths.items():
         if role == "teacher" and teacher in ("self", "none"):
             continue
-        looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "org/name"
-        if looks_local and not os.path.exists(os.path.expanduser(path)):
-            raise ValueError(f"the {role} {path} does not exist: give a save_pretrained directory or a Hugging Face "
-                             f"model id (--{role})")
+        check_model_path(role, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     except OSError as e:
@@ -123,9 +218,7 @@ def load_task_teachers(cfg: TrainConfig, student, tokenizer, student_path: str, 
         if cfg.lora and quant == "none" and (path == "self" or _same_path(source, student_path)):
             loaded[(path, quant)] = TeacherRef(student, True, student_path)  # no second copy
             continue
-        if not os.path.exists(os.path.expanduser(source)) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
-            raise ValueError(f"the teacher {source} (in --teachers) does not exist: give a save_pretrained directory "
-                             "or a Hugging Face model id")
+        check_model_path("teacher", source)
         model = load_teacher(source, quantization=quant, device=device, compute_dtype=dtype)
         if cfg.check_tokenizers:
             check_teacher_tokenizer(tokenizer, source, chat_template=cfg.use_chat_template != "no")
@@ -133,12 +226,34 @@ def load_task_teachers(cfg: TrainConfig, student, tokenizer, student_path: str, 
     return {name: loaded[wanted[name]] for name in names}
 
 
+#: What a directory written by save_pretrained holds: a model its config, a tokenizer one of these files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_path(role: str, path: str) -> None:
+    """A local path given as the student, teacher or tokenizer must exist and hold what that role loads; a
+    ValueError names the path and what it lacks. Hub ids ("org/name") are left to the hub."""
+    local = os.path.expanduser(path)
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(local)  # a hub id: org/name
+    if not looks_local:
+        return
+    if not os.path.exists(local):
+        raise ValueError(f"the {role} {path} does not exist: give a save_pretrained directory or a Hugging Face "
+                         f"model id (--{role})")
+    if not os.path.isdir(local):
+        raise ValueError(f"the {role} {path} is a file, not a directory: give the directory save_pretrained wrote")
+    if role == "tokenizer" and not any(os.path.isfile(os.path.join(local, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"the tokenizer directory {path} holds none of {', '.join(TOKENIZER_FILES)}: give the "
+                         "directory a tokenizer's save_pretrained wrote (--tokenizer)")
+    if role != "tokenizer" and not os.path.isfile(os.path.join(local, "config.json")):
+        raise ValueError(f"the {role} {path} is not a model directory: it holds no config.json (a directory written "
+                         f"by save_pretrained holds config.json and the weights; --{role})")
+
+
 def check_adapter_base(adapter_dir: str, student_path: str) -> None:
     """An adapter to start from must exist and have been trained on this student's base model."""
+    _saved_adapter_shape(adapter_dir)
     config = os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")
-    if not os.path.isfile(config):
-        raise ValueError(f"init_adapter={adapter_dir!r} holds no adapter_config.json: give a LoRA adapter directory "
-                         "(a run's checkpoints/step_XXXXXX/model)")
     base = json.loads(open(config).read()).get("base_model_name_or_path")
     if base and not _same_path(str(base), student_path):
         raise ValueError(f"init_adapter={adapter_dir!r} was trained on the base {base}, but the student is "
@@ -206,7 +321,7 @@ def _tok(tokenizer, token_id: int | None) -> str:
 def check_rendering(tokenizer, teacher_tokenizer, rollouts, *, use_chat_template: bool | str = "auto",
                     prompts: list[str] | None = None) -> None:
     """Raise ValueError unless the teacher, rendering each rollout itself, would read exactly the tokens it is
-    given: the student's ``rollouts.input_ids`` at the masked-in positions.
+    given: the student's ``rollouts.input_ids_BL`` at the masked-in positions.
 
     Per row: the raw prompt (``prompts[prompt_index]``, or recovered from ``rollouts.prompt_texts`` by undoing
     the student's chat template) is rendered as the teacher would render it (its own tokenizer and chat
@@ -231,9 +346,9 @@ def check_rendering(tokenizer, teacher_tokenizer, rollouts, *, use_chat_template
                     "and chat template (or render prompts without one, --use_chat_template no), or --check_tokenizers false")
     vocab_fix = ("the teacher's tokenizer gives the same text other ids: give the teacher the student's tokenizer "
                  "(a teacher of the student's model family), or --check_tokenizers false")
-    for b in range(rollouts.input_ids.shape[0]):
-        i = int(rollouts.prompt_index[b])
-        prompt = rollouts.input_ids[b, :P][rollouts.attention_mask[b, :P].bool()].tolist()
+    for b in range(rollouts.input_ids_BL.shape[0]):
+        i = int(rollouts.prompt_index_B[b])
+        prompt = rollouts.input_ids_BL[b, :P][rollouts.attention_mask_BL[b, :P].bool()].tolist()
         mine = teacher_ids[i]
         for j in range(max(len(prompt), len(mine))):
             s = prompt[j] if j < len(prompt) else None
@@ -243,7 +358,7 @@ def check_rendering(tokenizer, teacher_tokenizer, rollouts, *, use_chat_template
                 raise ValueError(f"the teacher would score other tokens than the student's: row {b}, position "
                                  f"{P - len(prompt) + j} (prompt token {j}) holds {_tok(tokenizer, s)} where the "
                                  f"teacher's rendering of prompt {i} has {_tok(teacher_tokenizer, t)}: {fix}")
-        completion = rollouts.completion_ids[b][rollouts.completion_mask[b].to(rollouts.completion_ids.device)].tolist()
+        completion = rollouts.tokens_BT[b][rollouts.mask_BT[b].to(rollouts.tokens_BT.device)].tolist()
         text = tokenizer.decode(completion, skip_special_tokens=False)
         mine = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
         if mine == completion or teacher_tokenizer.decode(completion, skip_special_tokens=False) == text:

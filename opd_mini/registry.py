@@ -4,8 +4,8 @@ The functions of :mod:`opd_mini.losses` are the maths, each with its own tensor 
 *registered loss* wraps one of them (or any user function) in the convention the training loop and
 the toy experiments call::
 
-    kind="token":         fn(student_logp_BT,   batch: LossBatch, opts: LossOptions) -> (loss, metrics)
-    kind="distribution":  fn(student_logits_BTV, batch: LossBatch, opts: LossOptions) -> (loss, metrics)
+    kind="token":         fn(student_logp_BT,   batch: Batch, opts: LossOptions) -> (loss, metrics)
+    kind="distribution":  fn(student_logits_BTV, batch: Batch, opts: LossOptions) -> (loss, metrics)
 
 A token loss sees the student only through log π_θ(y_t|c_t) of the sampled tokens (B, T), and may couple
 positions (the return-to-go); a distribution loss sees the student's whole next-token distribution and
@@ -36,98 +36,68 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from opd_mini import losses
+from opd_mini.batch import SIGNALS, Batch
 from opd_mini.losses import Metrics
-
-
-@dataclass
-class LossBatch:
-    """The inputs a registered loss may read, for B rows of T completion positions.
-
-    Only ``tokens_BT`` and ``mask_BT`` are always set; the teacher's fields are filled according to the
-    loss's ``signal`` (``"sampled"``: ``teacher_logp_BT``; ``"topk"``: that and the top-K pair; ``"full"``:
-    that and ``teacher_logp_BTV``), the rewards when the loss is registered with ``reward=True``.
-    """
-
-    tokens_BT: torch.Tensor  # (B, T) long: the sampled (or, for SFT, the teacher's) completion tokens y_t
-    mask_BT: torch.Tensor  # (B, T) bool: positions that count
-    num_tokens: float | None = None  # the normaliser N (the whole step's count under accumulation); None = mask.sum()
-    behaviour_logp_BT: torch.Tensor | None = None  # (B, T) log π_behaviour(y_t|c_t) at sampling time
-    teacher_logp_BT: torch.Tensor | None = None  # (B, T) log q(y_t|c_t)
-    teacher_topk_ids_BTK: torch.Tensor | None = None  # (B, T, K) the teacher's K most likely tokens
-    teacher_topk_logp_BTK: torch.Tensor | None = None  # (B, T, K) their log q (normalised over the vocabulary)
-    teacher_logp_BTV: torch.Tensor | None = None  # (B, T, V) log q(·|c_t), only for signal="full"
-    rewards_B: torch.Tensor | None = None  # (B,) verifiable reward of each row
-    group_size: int = 1  # rows per prompt, consecutive (the GRPO group)
-    # positions s -> teacher_logp_BTV[:, s], computed on demand (the fused path keeps the teacher's hidden
-    # states instead of its (B, T, V) log-probs); slice_T fills teacher_logp_BTV of the chunk from it
-    teacher_logp_fn: Callable[[slice], torch.Tensor] | None = None
-
-    def slice_T(self, s: slice) -> "LossBatch":
-        """The batch restricted to completion positions ``s`` (for distribution losses computed in chunks)."""
-        cut = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in cut.items():
-            if isinstance(value, torch.Tensor) and name.endswith(("_BT", "_BTK", "_BTV")):
-                cut[name] = value[:, s]
-        if self.teacher_logp_BTV is None and self.teacher_logp_fn is not None:
-            cut["teacher_logp_BTV"], cut["teacher_logp_fn"] = self.teacher_logp_fn(s), None
-        return LossBatch(**cut)
-
-    @classmethod
-    def from_teacher_logits(cls, tokens_BT: torch.Tensor, teacher_logits_BTV: torch.Tensor, *, signal: str | None,
-                            top_k: int = 0, mask_BT: torch.Tensor | None = None, **fields_) -> "LossBatch":
-        """A batch whose teacher signal comes from the teacher's logits (B, T, V) held in one piece: the toy
-        world and tests use it; the transformer loop builds the same fields chunk by chunk
-        (:func:`opd_mini.teacher.score`). ``fields_`` sets any other field (``num_tokens``, ``rewards_B`` …)."""
-        mask_BT = torch.ones_like(tokens_BT, dtype=torch.bool) if mask_BT is None else mask_BT
-        batch = cls(tokens_BT=tokens_BT, mask_BT=mask_BT, **fields_)
-        if signal is None:
-            return batch
-        if signal not in SIGNALS:
-            raise ValueError(f"signal must be one of {SIGNALS} or None, got {signal!r}")
-        batch.teacher_logp_BT = losses.token_logprobs(teacher_logits_BTV, tokens_BT)
-        if signal == "sampled":
-            return batch
-        logp_BTV = F.log_softmax(teacher_logits_BTV.float(), dim=-1)
-        if signal == "topk":
-            batch.teacher_topk_logp_BTK, batch.teacher_topk_ids_BTK = logp_BTV.topk(top_k, dim=-1)
-        else:
-            batch.teacher_logp_BTV = logp_BTV
-        return batch
+from opd_mini.options import check_fields, opt
 
 
 @dataclass
 class LossOptions:
-    """Hyperparameters of the registered losses; each loss reads the ones it documents.
+    """Hyperparameters of the built-in losses; each loss reads the ones it documents.
 
-    ``TrainConfig`` carries the same fields (with the same defaults and --help text), so a run passes its
-    config as ``opts``. ``extra`` holds options of user-registered losses (``--loss_args alpha=0.3``).
+    Each is declared here once, with its default, its help text and its range; ``TrainConfig`` inherits
+    these fields, so they are also its fields and flags (``--beta 0.3``). ``loss_args`` carries the options
+    of user-registered losses (``--loss_args alpha=0.3``), read as ``opts.extra``.
     """
 
-    gamma: float = 0.0
-    clip_log_ratio: float = 0.0  # 0 = off
-    beta: float = 0.5
-    top_k: int = 16
-    add_sampled_token: bool = True
-    renormalize: bool = True
-    entropy_threshold: float = 1.0
-    reward_weight: float = 1.0
-    grpo_normalize_std: bool = True
-    extra: dict = field(default_factory=dict)
+    gamma: float = opt(0.0, "reverse_kl_sampled/opd_grpo: discount of the return-to-go of −r_t "
+                       "(0 = token-level OPD, low variance; 1 = unbiased sequence-level estimator)", ge=0, le=1)
+    clip_log_ratio: float = opt(0.0, "reverse_kl_sampled/opd_grpo: clip the log-ratio r_t to [−c, c] (0 = off)", ge=0)
+    beta: float = opt(0.5, "jsd: mixture weight β of JSD(β); β=0 is forward KL, β=1 reverse KL, 0.5 symmetric JSD",
+                      ge=0, le=1)
+    top_k: int = opt(16, "reverse_kl_topk: size K of the teacher's top-K support (K >= 2)", ge=2)
+    add_sampled_token: bool = opt(True, "reverse_kl_topk: add the student's sampled token to the support")
+    renormalize: bool = opt(True, "reverse_kl_topk: renormalise both distributions inside the support "
+                            "(false collapses; kept for the ablation)")
+    entropy_threshold: float = opt(1.0, "entropy_aware: add forward KL where the teacher's entropy exceeds this "
+                                   "(nats)", ge=0)
+    reward_weight: float = opt(1.0, "opd_grpo: weight w of the GRPO reward advantage added to the OPD advantage",
+                               ge=0)
+    grpo_normalize_std: bool = opt(True, "grpo/opd_grpo: divide group advantages by the group's std "
+                                   "(false = Dr. GRPO, mean baseline only)")
+    loss_args: str = opt("", "options of a user-registered loss as key=value pairs, comma-separated (e.g. "
+                         "alpha=0.3); the loss reads them from opts.extra")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.extra  # noqa: B018  (its syntax, and no built-in option under another name)
+
+    @property
+    def extra(self) -> dict[str, float | str]:
+        """``loss_args`` parsed: ``"alpha=0.3,name=x"`` → ``{"alpha": 0.3, "name": "x"}``."""
+        out = parse_loss_args(self.loss_args)
+        builtin = [k for k in out if k in LOSS_OPTION_NAMES]
+        if builtin:
+            raise ValueError(f"loss_args={self.loss_args!r} sets {builtin[0]}, a built-in option that loss_args does "
+                             f"not change: use --{builtin[0]} {out[builtin[0]]}")
+        return out
 
     @classmethod
     def from_config(cls, cfg) -> "LossOptions":
         """The options of any object that has these attributes (a ``TrainConfig``, a toy config …);
-        a missing attribute keeps its default. ``cfg.loss_args`` (``"k=v,k=v"``) fills ``extra``."""
-        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "extra" and hasattr(cfg, f.name)}
-        return cls(**values, extra=parse_loss_args(getattr(cfg, "loss_args", "")))
+        a missing attribute keeps its default."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+
+
+#: The built-in options (every field but ``loss_args``): a ``loss_args`` key may not take one of these names.
+LOSS_OPTION_NAMES = tuple(f.name for f in fields(LossOptions) if f.name != "loss_args")
 
 
 def parse_loss_args(text: str) -> dict[str, float | str]:
@@ -144,8 +114,6 @@ def parse_loss_args(text: str) -> dict[str, float | str]:
     return out
 
 
-#: What a loss can ask of the teacher, cheapest first.
-SIGNALS = ("sampled", "topk", "full")
 KINDS = ("token", "distribution")
 
 
@@ -159,6 +127,7 @@ class LossSpec:
     signal: str | None  # teacher signal: "sampled", "topk", "full", or None (the teacher is not scored)
     rollouts: str = "student"  # who generates the training samples: "student" (on-policy) or "teacher" (SFT)
     reward: bool = False  # reads batch.rewards_B (the task's verifier); needs num_generations >= 2 for groups
+    replaced: str = ""  # the function this registration replaced under the same name (replace=True), if any
 
     @property
     def doc(self) -> str:
@@ -195,7 +164,8 @@ def register(name: str, *, kind: str, signal: str | None, rollouts: str = "stude
         if old is not None and not (replace or same_source):  # a re-run notebook cell re-registers its own loss
             raise ValueError(f"a loss named {name!r} is already registered ({old.fn.__module__}.{old.fn.__qualname__}); "
                              "pick another name or pass replace=True")
-        LOSS_REGISTRY[name] = LossSpec(name, fn, kind, signal, rollouts, reward)
+        was = f"{old.fn.__module__}.{old.fn.__qualname__}" if old is not None and not same_source else ""
+        LOSS_REGISTRY[name] = LossSpec(name, fn, kind, signal, rollouts, reward, was)
         return fn
 
     return add
@@ -214,15 +184,16 @@ def loss_names() -> tuple[str, ...]:
     return tuple(LOSS_REGISTRY)
 
 
-def import_plugins(spec: str) -> list[str]:
+def import_plugins(spec: str, what: str = "loss") -> list[str]:
     """Import user files (``path/to/my_losses.py``) or modules (``my_pkg.losses``), comma-separated, so that
-    the losses they register exist; each is imported once per process. Returns the module names."""
+    the losses (or tasks) they register exist; each is imported once per process. Returns the module names.
+    A file that is missing or fails to import is a ValueError naming the file and the error."""
     names = []
     for item in filter(None, (part.strip() for part in (spec or "").split(","))):
         if item.endswith(".py"):
             path = Path(item).resolve()
             if not path.is_file():
-                raise ValueError(f"loss plugin file {item} does not exist")
+                raise ValueError(f"{what} plugin file {item} does not exist")
             name = f"opd_mini_plugin_{path.stem}_{abs(hash(str(path))):x}"
             if name not in sys.modules:
                 module_spec = importlib.util.spec_from_file_location(name, path)
@@ -230,21 +201,26 @@ def import_plugins(spec: str) -> list[str]:
                 sys.modules[name] = module
                 try:
                     module_spec.loader.exec_module(module)
-                except Exception:
+                except Exception as e:
                     del sys.modules[name]
-                    raise
+                    where = f", line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
+                    raise ValueError(f"{what} plugin file {item}{where} failed to import: {type(e).__name__}: "
+                                     f"{' '.join(str(e).split())}") from None
         else:
             name = item
             try:
                 importlib.import_module(name)
             except ModuleNotFoundError as e:
-                raise ValueError(f"loss plugin module {item!r} cannot be imported ({e}); give a module on the "
+                raise ValueError(f"{what} plugin module {item!r} cannot be imported ({e}); give a module on the "
                                  "Python path or a path ending in .py") from None
+            except Exception as e:
+                raise ValueError(f"{what} plugin module {item!r} failed to import: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())}") from None
         names.append(name)
     return names
 
 
-def compute_loss(name: str, student_logits_BTV: torch.Tensor, batch: LossBatch,
+def compute_loss(name: str, student_logits_BTV: torch.Tensor, batch: Batch,
                  opts: LossOptions | None = None) -> tuple[torch.Tensor, Metrics]:
     """A registered loss from the student's logits (B, T, V) in one piece (token losses take the sampled
     tokens' log-probs first). The toy world and tests use this; the loop may chunk along T instead."""
@@ -289,32 +265,32 @@ def _clip(opts: LossOptions) -> float | None:
 
 
 @register("reverse_kl_sampled", kind="token", signal="sampled")
-def _reverse_kl_sampled(logp_BT, b: LossBatch, o: LossOptions):
+def _reverse_kl_sampled(logp_BT, b: Batch, o: LossOptions):
     """Sampled-token reverse KL in policy-gradient form, γ return-to-go (opts: gamma, clip_log_ratio)."""
     return losses.reverse_kl_sampled_token(logp_BT, b.teacher_logp_BT, b.mask_BT, behaviour_logp_BT=b.behaviour_logp_BT,
                                     gamma=o.gamma, clip_log_ratio=_clip(o), num_tokens=b.num_tokens)
 
 
 @register("reverse_kl_full", kind="distribution", signal="full")
-def _reverse_kl_full(logits_BTV, b: LossBatch, o: LossOptions):
+def _reverse_kl_full(logits_BTV, b: Batch, o: LossOptions):
     """Exact reverse KL over the vocabulary at every visited prefix."""
     return losses.reverse_kl_full(logits_BTV, b.teacher_logp_BTV, b.mask_BT, num_tokens=b.num_tokens)
 
 
 @register("forward_kl", kind="distribution", signal="full")
-def _forward_kl(logits_BTV, b: LossBatch, o: LossOptions):
+def _forward_kl(logits_BTV, b: Batch, o: LossOptions):
     """Exact forward KL over the vocabulary at every visited prefix."""
     return losses.forward_kl_full(logits_BTV, b.teacher_logp_BTV, b.mask_BT, num_tokens=b.num_tokens)
 
 
 @register("jsd", kind="distribution", signal="full")
-def _jsd(logits_BTV, b: LossBatch, o: LossOptions):
+def _jsd(logits_BTV, b: Batch, o: LossOptions):
     """Generalized Jensen-Shannon divergence JSD(β) (opts: beta; 0 = forward KL, 1 = reverse KL)."""
     return losses.generalized_jsd(logits_BTV, b.teacher_logp_BTV, b.mask_BT, beta=o.beta, num_tokens=b.num_tokens)
 
 
 @register("reverse_kl_topk", kind="distribution", signal="topk")
-def _reverse_kl_topk(logits_BTV, b: LossBatch, o: LossOptions):
+def _reverse_kl_topk(logits_BTV, b: Batch, o: LossOptions):
     """Reverse KL inside the teacher's top-K support (opts: top_k, add_sampled_token, renormalize)."""
     extra = (dict(sampled_ids_BT=b.tokens_BT, teacher_sampled_logp_BT=b.teacher_logp_BT)
              if o.add_sampled_token else {})
@@ -323,20 +299,20 @@ def _reverse_kl_topk(logits_BTV, b: LossBatch, o: LossOptions):
 
 
 @register("entropy_aware", kind="distribution", signal="full")
-def _entropy_aware(logits_BTV, b: LossBatch, o: LossOptions):
+def _entropy_aware(logits_BTV, b: Batch, o: LossOptions):
     """Reverse KL plus forward KL where the teacher's entropy is high (opts: entropy_threshold)."""
     return losses.entropy_aware_kl(logits_BTV, b.teacher_logp_BTV, b.mask_BT, entropy_threshold=o.entropy_threshold,
                             num_tokens=b.num_tokens)
 
 
 @register("sft", kind="token", signal=None, rollouts="teacher")
-def _sft(logp_BT, b: LossBatch, o: LossOptions):
+def _sft(logp_BT, b: Batch, o: LossOptions):
     """Baseline: the teacher generates, the student does cross-entropy on its samples (off-policy)."""
     return losses.sft_cross_entropy(logp_BT, b.mask_BT, num_tokens=b.num_tokens)
 
 
 @register("grpo", kind="token", signal=None, reward=True)
-def _grpo(logp_BT, b: LossBatch, o: LossOptions):
+def _grpo(logp_BT, b: Batch, o: LossOptions):
     """Baseline: RL with the task's verifiable reward, group-normalised advantages (opts: grpo_normalize_std)."""
     advantages_B = losses.grpo_advantages(b.rewards_B, b.group_size, normalize_std=o.grpo_normalize_std)
     return losses.policy_gradient(logp_BT, advantages_B.to(logp_BT.device), b.mask_BT,
@@ -344,7 +320,7 @@ def _grpo(logp_BT, b: LossBatch, o: LossOptions):
 
 
 @register("opd_grpo", kind="token", signal="sampled", reward=True)
-def _opd_grpo(logp_BT, b: LossBatch, o: LossOptions):
+def _opd_grpo(logp_BT, b: Batch, o: LossOptions):
     """Sampled-token OPD advantage plus reward_weight · GRPO advantage (opts: gamma, clip_log_ratio, reward_weight)."""
     return losses.opd_grpo(logp_BT, b.teacher_logp_BT, b.behaviour_logp_BT, b.rewards_B, b.mask_BT,
                            group_size=b.group_size, gamma=o.gamma, clip_log_ratio=_clip(o),

@@ -1,101 +1,158 @@
-"""The data of one batch of rollouts, and the micro-batch the loop trains on.
+"""A step's micro-batches: who samples them, behind which prompt, with which seed, and what the teacher reads.
 
-Layout of a batch of rollouts (B = len(prompts) · num_generations, P = longest prompt, T = new tokens)::
+    examples ─► sample_batch ─► Batch (the student's samples; or the teacher's, for SFT and GKD's λ < 1 steps)
+             ─► rewards, special-token mask
+             ─► score_batch ─► Batch with the teacher's fields (behind --teacher_template's prompt if set)
 
-    input_ids       [pad pad p p p p | y y y EOS pad pad]     (B, P+T)
-                     left-padded prompt  completion, right-padded
-    attention_mask  [ 0   0  1 1 1 1 | 1 1 1  1   0   0 ]     (B, P+T)
-    completion_mask                  [ T T T  T   F   F ]     (B, T)  the first EOS is kept and trained
-
-The logits that predict completion token t sit at sequence position P-1+t. Position ids are counted
-over the attention mask (``cumsum - 1``), the same way ``generate`` counts them, so a later forward
-pass over ``input_ids`` (:func:`opd_mini.forward.completion_logits`) reproduces the sampling-time
-log-probabilities exactly.
+Every sampling seed is a function of (seed, step, micro-batch), so a resumed run, or the same step cut over
+several processes, samples exactly the same tokens. With ``teacher_template`` the teacher always reads its
+privileged prompt: it scores the student's tokens behind it, and when it samples (SFT, λ < 1, the forward-KL
+evaluation) it samples behind it; the student then trains on those tokens behind its own plain prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import random
 
 import torch
 
-from opd_mini.registry import LossBatch
+from opd_mini import losses
+from opd_mini.batch import Batch
+from opd_mini.config import TrainConfig
+from opd_mini.eval import adapter_disabled
+from opd_mini.models import Models, TeacherRef
+from opd_mini.sampler import sample, with_prompts
+from opd_mini.tasks import Example, Task, task_of
+from opd_mini.teacher import score
 
 
-@dataclass
-class Rollouts:
-    """A batch of prompt+completion sequences and their masks (see the module docstring for the layout).
-
-    Rows ``i*num_generations .. (i+1)*num_generations-1`` are the samples of ``prompts[i]``.
-    """
-
-    input_ids: torch.Tensor  # (B, P+T) long: left-padded prompt + right-padded completion
-    attention_mask: torch.Tensor  # (B, P+T) long: 1 on real prompt tokens and completion tokens up to the first EOS
-    completion_ids: torch.Tensor  # (B, T) long: input_ids[:, P:]
-    completion_mask: torch.Tensor  # (B, T) bool: generated tokens up to and including the first EOS
-    behaviour_logp: torch.Tensor  # (B, T) float32: log π_student(y_t|c_t) under the sampling weights (raw logits); 0 where masked
-    prompt_len: int  # P
-    prompt_index: torch.Tensor  # (B,) long: index into the prompts list
-    completions: list[str]  # decoded completion text up to the first EOS (special tokens skipped)
-    # the prompt strings as fed to the tokenizer (after any chat template), one per prompt
-    prompt_texts: list[str] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        """Number of masked-in completion tokens (the loss normaliser)."""
-        return int(self.completion_mask.sum())
-
-    def position_ids(self) -> torch.Tensor:
-        """(B, P+T) position ids counted over the attention mask, as ``generate`` counts them."""
-        return position_ids_from_mask(self.attention_mask)
-
-    def to(self, device: torch.device | str) -> "Rollouts":
-        """A copy with every tensor moved to ``device``."""
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return Rollouts(**moved)
-
-    def select(self, rows: slice | torch.Tensor | list[int]) -> "Rollouts":
-        """The rollouts of some rows (e.g. a micro-batch); ``prompt_index`` and texts follow the rows."""
-        idx = torch.arange(self.input_ids.shape[0])[rows]
-        idx_list = idx.tolist()
-        return Rollouts(
-            input_ids=self.input_ids[idx], attention_mask=self.attention_mask[idx],
-            completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
-            behaviour_logp=self.behaviour_logp[idx], prompt_len=self.prompt_len,
-            prompt_index=self.prompt_index[idx], completions=[self.completions[i] for i in idx_list],
-            prompt_texts=list(self.prompt_texts),
-        )
+def chat(cfg: TrainConfig) -> bool | str:
+    """``use_chat_template`` as the sampler takes it."""
+    return {"auto": "auto", "yes": True, "no": False}[cfg.use_chat_template]
 
 
-def position_ids_from_mask(attention_mask_BL: torch.Tensor) -> torch.Tensor:
-    """Position ids (B, L) = number of attended tokens before each position (0 on left padding)."""
-    return (attention_mask_BL.long().cumsum(-1) - 1).clamp(min=0)
+def sampler_options(cfg: TrainConfig, teacher: TeacherRef | None) -> dict:
+    """``--sampler``; with the student's own base as the teacher the behaviour log-probs come from a forward
+    (bit-identical to the teacher's scoring, so r_t = 0 exactly), not from the decoding loop."""
+    return dict(method=cfg.sampler, behaviour_logp="forward" if teacher is not None and teacher.is_student_base else None)
 
 
-def completion_mask_from_ids(completion_ids_BT: torch.Tensor, eos_token_id: int | list[int] | None) -> torch.Tensor:
-    """(B, T) bool: True up to and including the first EOS of each row, False after it.
-
-    Works when the pad token equals EOS (``generate`` then fills finished rows with EOS): only the first
-    EOS counts. A row without EOS (cut by ``max_new_tokens``) is True everywhere.
-    """
-    if eos_token_id is None:
-        return torch.ones_like(completion_ids_BT, dtype=torch.bool)
-    eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                              device=completion_ids_BT.device)
-    is_eos_BT = torch.isin(completion_ids_BT, eos_ids)
-    # number of EOS strictly before position t; a position is kept when that number is 0
-    eos_before_BT = is_eos_BT.long().cumsum(-1) - is_eos_BT.long()
-    return eos_before_BT == 0
+def on_policy_step(cfg: TrainConfig, step_index: int) -> bool:
+    """GKD's λ: whether step ``step_index`` trains on the student's samples (a function of seed and step)."""
+    return cfg.lmbda >= 1 or random.Random(f"lmbda/{cfg.seed}/{step_index}").random() < cfg.lmbda
 
 
-@dataclass
-class MicroBatch:
-    """One micro-batch of a training step: its rollouts (what the student's forward pass reads) and the
-    loss inputs (what the registered loss reads; the teacher's fields are filled after scoring)."""
+def teacher_prompts(cfg: TrainConfig, examples: list[Example]) -> list[str]:
+    """What the teacher reads in front of a completion: ``teacher_template`` filled from each example, or the
+    student's own prompt."""
+    if not cfg.teacher_template:
+        return [e.prompt for e in examples]
+    return [cfg.teacher_template.format(prompt=e.prompt, answer=e.answer) for e in examples]
 
-    rollouts: Rollouts
-    inputs: LossBatch
 
-    @property
-    def mask_BT(self) -> torch.Tensor:
-        return self.inputs.mask_BT
+def sample_seed(seed: int, step_index: int, micro: int) -> int:
+    """Sampling seed of one micro-batch: a function of (seed, step, micro-batch), so resumed runs match."""
+    return (seed * 1_000_003 + step_index) * 1_009 + micro
+
+
+def sample_batch(cfg: TrainConfig, m: Models, examples: list[Example], *, by_teacher: bool, teacher: TeacherRef,
+                 seed: int, num_generations: int | None = None, exact: bool = False) -> Batch:
+    """``num_generations`` samples per example: the student's (on-policy), or with ``by_teacher`` the teacher's,
+    drawn behind the teacher's own prompt and returned behind the student's (what the student trains on).
+    ``exact``: from the model's own distribution (temperature 1, no top-p or top-k), as a KL estimate needs."""
+    filters = dict(temperature=1.0, top_p=1.0, top_k=0) if exact else dict(
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k_sampling)
+    kwargs = dict(num_generations=num_generations or cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+                  use_chat_template=chat(cfg), seed=seed, **filters, **sampler_options(cfg, teacher))
+    if not by_teacher:
+        return sample(m.student, m.tokenizer, [e.prompt for e in examples], **kwargs)
+    with adapter_disabled(m.student, enabled=teacher.is_student_base):
+        batch = sample(teacher.model, m.tokenizer, teacher_prompts(cfg, examples), **kwargs)
+    if cfg.teacher_template:  # the same tokens behind the student's prompt
+        batch = with_prompts(batch, m.tokenizer, [e.prompt for e in examples], use_chat_template=chat(cfg))
+    return batch
+
+
+def teacher_view(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Example], teacher: TeacherRef) -> Batch:
+    """What the teacher reads: the batch itself, or with ``teacher_template`` the same completions behind the
+    privileged prompt of each row's example (``examples[prompt_index]``), checked against the teacher's context."""
+    if not cfg.teacher_template:
+        return batch
+    config = getattr(teacher.model, "config", None)
+    return with_prompts(batch, m.tokenizer, teacher_prompts(cfg, examples), use_chat_template=chat(cfg),
+                        max_length=getattr(config, "max_position_embeddings", None))
+
+
+def score_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Example], teacher: TeacherRef,
+                signal: str) -> Batch:
+    """The batch with the teacher's fields, keeping only what the loss needs (signal: sampled | topk | full).
+
+    A full-vocabulary loss computed in chunks (``loss_chunk_size`` > 0) gets the teacher's hidden states,
+    projected chunk by chunk inside the loss (the fused path); with ``loss_chunk_size`` 0 it gets the
+    (B, T, V) log-probabilities in one piece (the readable reference path)."""
+    fused = signal == "full" and cfg.loss_chunk_size > 0
+    return score(teacher.model, batch, vocab_size=m.vocab_size, top_k=cfg.top_k if signal == "topk" else 0,
+                 full=signal == "full" and not fused, keep_hidden=fused, chunk_size=cfg.teacher_chunk_size,
+                 disable_adapter=teacher.is_student_base, view=teacher_view(cfg, m, batch, examples, teacher))
+
+
+def finish_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Example], task: Task,
+                 device: torch.device) -> Batch:
+    """The loop's fields of a sampled batch: the rewards, the GRPO group, the special-token mask; on ``device``."""
+    batch = batch.to(device)
+    mask_BT = batch.mask_BT
+    if cfg.mask_special_tokens:
+        mask_BT = losses.mask_special_tokens(mask_BT, batch.tokens_BT, m.tokenizer.all_special_ids)
+    rewards_B = torch.tensor(task.rewards(batch.completions, [examples[j] for j in batch.prompt_index_B.tolist()]))
+    return batch.replace(mask_BT=mask_BT, rewards_B=rewards_B.to(device), group_size=cfg.num_generations)
+
+
+@dataclasses.dataclass
+class Piece:
+    """One micro-batch of a step, with what scoring it needs: its task's teacher and its examples."""
+
+    batch: Batch
+    task: str  # the spec of the task its prompts come from
+    teacher: TeacherRef
+    examples: list[Example]  # examples[batch.prompt_index_B[b]] is row b's example
+
+
+def step_examples(cfg: TrainConfig, task: Task, step_index: int, split: str) -> list[Example]:
+    """The prompts of one optimizer step: a function of (seed, step), so resumed runs match."""
+    return task.examples(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step_index, split=split)
+
+
+def micro_batch_pieces(cfg: TrainConfig, m: Models, task: Task, examples: list[Example], micro: int, step_index: int,
+                       *, by_teacher: bool) -> list[Piece]:
+    """The samples of one micro-batch's examples; a mixture of tasks is split into one piece per task, so that
+    each piece is sampled and scored by its own task's teacher (a single task: one piece)."""
+    pieces = []
+    for g, name in enumerate(dict.fromkeys(task_of(e, task) for e in examples)):
+        ex = [e for e in examples if task_of(e, task) == name]
+        teacher = m.teacher_for(name)
+        batch = sample_batch(cfg, m, ex, by_teacher=by_teacher, teacher=teacher,
+                             seed=sample_seed(cfg.seed, step_index, micro) + 7_919 * g)
+        pieces.append(Piece(batch, name, teacher, ex))
+    return pieces
+
+
+class TeacherPool:
+    """A fixed set of teacher samples (``teacher_sample_pool`` prompts × ``num_generations``), drawn once at the
+    start, from which the steps the teacher samples (SFT, or GKD's λ < 1) draw their prompts: a distillation
+    dataset. Seeded, so a resumed run draws the same set and the same prompts."""
+
+    def __init__(self, cfg: TrainConfig, m: Models, task: Task, split: str):
+        self.cfg, self.task = cfg, task  # a single task (a mixture is refused with the pool: effective_config)
+        self.examples = task.examples(cfg.teacher_sample_pool, seed=cfg.seed * 1_000_003 - 1, split=split)
+        self.batch = sample_batch(cfg, m, self.examples, by_teacher=True, teacher=m.teacher_for(task.name),
+                                  seed=sample_seed(cfg.seed, -1, 0))
+
+    def piece(self, m: Models, step_index: int, micro: int, n: int) -> Piece:
+        """``n`` prompts of the set and all their samples, for one micro-batch: a function of (seed, step,
+        micro-batch), so resumed runs match."""
+        picked = random.Random(f"pool/{self.cfg.seed}/{step_index}/{micro}").sample(range(len(self.examples)), n)
+        G = self.cfg.num_generations
+        batch = self.batch.select([j * G + g for j in picked for g in range(G)])
+        batch = batch.replace(prompt_index_B=torch.arange(n).repeat_interleave(G))
+        return Piece(batch, self.task.name, m.teacher_for(self.task.name), [self.examples[j] for j in picked])

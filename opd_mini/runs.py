@@ -1,6 +1,6 @@
-"""What a training run leaves in ``out_dir``, and how it stops when the numbers go bad.
+"""What a training run leaves in ``out_dir``: the metrics log, checkpoints, the summary; resuming them.
 
-    out_dir/metrics.jsonl                         one JSON line per step (keys: train.METRIC_DOCS)
+    out_dir/metrics.jsonl                         one JSON line per step (keys: opd_mini.metrics.METRIC_DOCS)
     out_dir/checkpoints/step_000040/model/        the student, loadable by plain transformers / peft
     out_dir/checkpoints/step_000040/trainer_state.pt   trainable weights, optimizer, scheduler, RNG states
     out_dir/summary.json                          the final evaluation and where everything is
@@ -8,11 +8,15 @@
 Checkpoints are written to a temporary directory and renamed into place, so a crash never leaves half
 a checkpoint, and older ones are deleted only after the new one exists. On resume, log lines written
 after the checkpoint (by a run killed between the two) are dropped, so the log matches the weights.
+A new run never writes over an earlier one: it is refused unless ``--resume`` (continue it) or
+``--overwrite`` (move the earlier files aside, into ``out_dir/replaced/TIMESTAMP/``), and every such
+check runs before anything is written.
 """
 
 from __future__ import annotations
 
 import fcntl
+import time
 import json
 import math
 import os
@@ -21,18 +25,14 @@ import random
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from opd_mini import guards
 from opd_mini.student import save_student
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a loss, a metric or the gradient norm is NaN or inf; the message is the diagnostic."""
-
-    exit_code = 3
 
 
 #: Settings a resumed run cannot change: they decide which weights the checkpoint's tensors belong to.
@@ -56,6 +56,7 @@ def locked_out_dir(out_dir: str | Path):
     it when the process ends, however it ends: a killed run leaves no stale lock behind.
     """
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         handle = open(out_dir / ".lock", "a+")
@@ -80,6 +81,9 @@ def locked_out_dir(out_dir: str | Path):
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+        if created and [p.name for p in out_dir.iterdir()] == [".lock"]:  # a run refused before writing anything
+            (out_dir / ".lock").unlink(missing_ok=True)
+            out_dir.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +98,9 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: str | Path, student, tokenizer, optimizer, scheduler, *, step: int, train_time: float,
-                    config: dict, keep: int = 1) -> Path:
-    """Write ``out_dir/checkpoints/step_XXXXXX`` atomically; keep the ``keep`` most recent checkpoints."""
+                    config: dict, keep: int = 1, protect: Path | None = None) -> Path:
+    """Write ``out_dir/checkpoints/step_XXXXXX`` atomically; keep the ``keep`` most recent checkpoints, and
+    ``protect`` (the newest one known good) until a newer one is known good."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
@@ -113,9 +118,15 @@ def save_checkpoint(out_dir: str | Path, student, tokenizer, optimizer, schedule
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in checkpoint_dirs(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out_dir, keep, protect)
     return final
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the ``keep`` newest checkpoints, never ``protect``."""
+    for old in checkpoint_dirs(out_dir)[:-keep]:
+        if protect is None or old.resolve() != Path(protect).resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def saved_config(path: Path) -> dict:
@@ -234,72 +245,159 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------
-# the non-finite diagnostic
+# starting, resuming or replacing a run: every refusal before anything is written
 # ---------------------------------------------------------------------------------------------
 
-
-class DivergenceError(NonFiniteLossError):
-    """Raised when the gradient norm spikes far above its recent median: the run is stopped before that step
-    is applied, while the weights (and the last checkpoint) are still sound."""
+#: What an earlier run left in out_dir (``--overwrite`` moves these aside).
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints")
 
 
-#: Steps of gradient-norm history the divergence check compares with, and how many it needs first.
-DIVERGENCE_WINDOW, DIVERGENCE_MIN_HISTORY = 20, 10
-
-
-def check_divergence(grad_norm: float, history: list[float], *, cfg, student, step: int,
-                     last_good: Path | None) -> None:
-    """Raise DivergenceError when ``grad_norm`` exceeds ``cfg.divergence_factor`` × the median of the last
-    :data:`DIVERGENCE_WINDOW` steps' norms (once :data:`DIVERGENCE_MIN_HISTORY` are known; factor 0 = off).
-
-    Healthy tiny-world runs of every built-in loss stay within 2.3× of that median; a blow-up that ends
-    in NaN starts with a jump of orders of magnitude. Checked before the optimizer applies the step.
-    """
-    if cfg.divergence_factor <= 0 or len(history) < DIVERGENCE_MIN_HISTORY:
+def check_out_dir(cfg, *, main: bool = True) -> None:
+    """Refuse, before anything is written: an ``out_dir`` that is a file; a new run (no ``--resume``) into a
+    directory holding an earlier run, unless ``--overwrite``; ``--resume`` with nothing readable to resume
+    from while an earlier run's log exists (the log would be lost)."""
+    out = Path(cfg.out_dir)
+    if not main:
         return
-    recent = sorted(history[-DIVERGENCE_WINDOW:])
-    median = recent[len(recent) // 2] if len(recent) % 2 else 0.5 * (recent[len(recent) // 2 - 1] + recent[len(recent) // 2])
-    if grad_norm > cfg.divergence_factor * median:
-        raise DivergenceError(
-            f"the run is diverging at step {step}: gradient norm {grad_norm:.4g} is {grad_norm / max(median, 1e-30):.0f}× "
-            f"the median {median:.4g} of the previous {len(recent)} steps (limit: --divergence_factor "
-            f"{cfg.divergence_factor:g}); this step was not applied.\n"
-            f"Training stopped; {_kept(last_good)}.\nLikely causes and what to change:\n" + _advice(cfg, student))
-
-
-def check_finite(values: dict, *, cfg, student, where: str, last_good: Path | None) -> None:
-    """Raise NonFiniteLossError with a diagnostic when any of ``values`` (loss, metrics) is NaN or inf.
-
-    ``where`` says which step (and micro-batch); the message names what to change, from ``cfg``.
-    """
-    floats = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()}
-    bad = {k: v for k, v in floats.items() if not math.isfinite(v)}
-    if not bad:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a directory: choose another --out_dir")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or cfg.overwrite:
         return
-    weights_bad = any(not torch.isfinite(p).all() for p in student.parameters() if p.requires_grad)
-    raise NonFiniteLossError(
-        f"non-finite values at {where} with loss={cfg.loss}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
-        + f"; the student's trainable weights are {'NOT ' if weights_bad else ''}finite.\n"
-        f"Training stopped; {_kept(last_good)}.\nLikely causes and what to change:\n" + _advice(cfg, student))
+    if not cfg.resume:
+        raise ValueError(f"out_dir {out} holds an earlier run ({', '.join(found)}): pass --resume true to continue it, "
+                         "--overwrite true to start over (the earlier files are moved to "
+                         f"{out / 'replaced'}/…), or choose another --out_dir")
+    if not checkpoint_dirs(out):
+        raise ValueError(f"--resume: out_dir {out} holds an earlier run's {', '.join(found)} but no checkpoint to "
+                         "continue from: pass --overwrite true to start over (the earlier files are kept under "
+                         f"{out / 'replaced'}/…), or choose another --out_dir")
 
 
-def _kept(last_good: Path | None) -> str:
-    return (f"the last good checkpoint is kept at {last_good} (continue from it with --resume after changing "
-            "the settings below)") if last_good else "no checkpoint was written yet (set --save_every to keep one)"
+def checkpoints_to_resume(cfg, out_dir: Path) -> list[Path]:
+    """The checkpoints a ``--resume`` run continues from (empty for a new run); with ``--overwrite`` the earlier
+    run's files are first moved to ``out_dir/replaced/TIMESTAMP/``."""
+    if cfg.overwrite and any((out_dir / name).exists() for name in RUN_FILES):
+        aside = out_dir / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        aside.mkdir(parents=True)
+        for name in RUN_FILES:
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, aside / name)
+        print(f"--overwrite: the earlier run's files were moved to {aside}", file=sys.stderr)
+    return checkpoint_dirs(out_dir) if cfg.resume else []
 
 
-def _advice(cfg, student) -> str:
-    """What to change, limited to what applies to this run's settings."""
-    lines = [f"  - learning rate too high (lr={cfg.lr}): lower --lr"
-             + (", add --warmup_steps" if cfg.warmup_steps == 0 else "")
-             + (", set --max_grad_norm (now 0: no clipping)" if cfg.max_grad_norm == 0 else "")]
-    dtype = next(student.parameters()).dtype
-    if dtype != torch.float32:
-        lines.append(f"  - low-precision overflow (weights in {dtype}): try --dtype float32")
-    if cfg.loss in ("reverse_kl_sampled", "opd_grpo") and not cfg.clip_log_ratio:
-        lines.append("  - the teacher gives ~zero probability to sampled tokens (huge log-ratios): set --clip_log_ratio "
-                     "(e.g. 10)" + ("" if cfg.mask_special_tokens else " or --mask_special_tokens true"))
-    lines.append(f"  - see where it started in the last lines of {Path(cfg.out_dir) / 'metrics.jsonl'} "
-                 "(kl/…, optim/grad_norm)")
-    return "\n".join(lines)
+@dataclass
+class Progress:
+    """Where a run stands: the step, the training time, the evaluations, the checkpoints, the guards' history;
+    and the metrics log it appends to."""
+
+    cfg: object
+    metrics_path: Path
+    config: dict  # recorded in every checkpoint (the effective config and the number of processes)
+    step: int = 0
+    train_time: float = 0.0
+    last_good: Path | None = None  # the newest checkpoint known good (the step after it passed the guards)
+    pending: Path | None = None  # the newest checkpoint, until the step after it passes the guards
+    history: list = field(default_factory=list)  # the evaluations, {"step": …, "eval/…": …}
+    grad_norms: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    warned: bool = False
+
+    def record(self, step: int, row: dict, *, evaluated: bool) -> None:
+        """Append a row to the log; an evaluated row also joins the history."""
+        if evaluated:
+            self.history.append({k: v for k, v in row.items() if k == "step" or k.startswith(("eval/", "time/eval"))})
+        append_log(self.metrics_path, row)
+
+    def finish(self) -> None:
+        """The run ended normally: its last checkpoint (its step passed the guards, its evaluation ran) is good."""
+        if self.pending is not None:
+            self.last_good, self.pending = self.pending, None
+            prune_checkpoints(self.cfg.out_dir, self.cfg.keep_checkpoints)
+
+    @property
+    def newest(self) -> Path | None:
+        """The newest checkpoint written (or resumed from)."""
+        return self.pending or self.last_good
+
+    def save_checkpoint(self, out_dir: Path, m, optimizer, scheduler, step: int) -> None:
+        self.pending = save_checkpoint(out_dir, m.student, m.tokenizer, optimizer, scheduler, step=step,
+                                       train_time=self.train_time, config=self.config, keep=self.cfg.keep_checkpoints,
+                                       protect=self.last_good)
+
+
+def start_or_resume(cfg, out_dir: Path, previous: list[Path], student, optimizer, scheduler, *,
+                    main: bool) -> Progress:
+    """A fresh :class:`Progress` (a new log), or the state of the newest readable checkpoint of ``previous``
+    (weights, optimizer, scheduler, RNG) with the log truncated to it. A checkpoint written with settings
+    that cannot change is refused before anything is written."""
+    from opd_mini import distributed
+
+    world = distributed.current().world
+    now = {**cfg.to_dict(), "num_processes": world}  # [dp] the checkpoint records its number of processes
+    progress = Progress(cfg, out_dir / "metrics.jsonl", now)
+    if not previous:
+        if main and progress.metrics_path.exists():  # [dp] an empty log of a run that never checkpointed
+            progress.metrics_path.unlink()
+        return progress
+    changed = resume_changes(saved_config(previous[-1]), now)
+    last, step, train_time, _ = load_latest_checkpoint(previous, student, optimizer, scheduler)
+    progress.step, progress.train_time, progress.last_good = step, train_time, last
+    if main:  # [dp] the main process alone reports and rewrites the log
+        if changed:
+            print(f"resuming with changed settings (checkpoint → now), applied from step {step + 1}: {changed}",
+                  file=sys.stderr)
+        truncate_log(progress.metrics_path, step)
+        print(f"resumed from {last} at step {step}", file=sys.stderr)
+    rows = read_log(progress.metrics_path)
+    progress.history = [r for r in rows if "eval/pass@1" in r]
+    progress.grad_norms = [r["optim/grad_norm"] for r in rows if "optim/grad_norm" in r]
+    progress.losses = [r["loss/total"] for r in rows if "loss/total" in r]
+    return progress
+
+
+def finite_check(cfg, student, where: str, progress: Progress):
+    """The check the loss runs before each backward: NaN/inf in the loss or its metrics stops the run."""
+    return lambda loss, metrics: guards.check_finite({**metrics, "loss/total": loss}, cfg=cfg, student=student,
+                                                     where=where, last_good=progress.last_good)
+
+
+def check_step(cfg, student, step: int, grad_norm: float, metrics: dict, progress: Progress) -> None:
+    """The guards of a step, before the optimizer applies it: a non-finite gradient norm or a spike stops the
+    run; a slow death warns once. The checkpoint before this step is then known good."""
+    guards.check_finite({"optim/grad_norm": grad_norm}, cfg=cfg, student=student, where=f"step {step}",
+                        last_good=progress.last_good)
+    guards.check_divergence(grad_norm, progress.grad_norms, cfg=cfg, student=student, step=step,
+                            last_good=progress.last_good)
+    progress.grad_norms.append(grad_norm)
+    progress.losses.append(float(metrics.get("loss/total", 0.0)))
+    if progress.pending is not None:  # the weights of the newest checkpoint gave finite values: it is good
+        progress.last_good, progress.pending = progress.pending, None
+        prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
+    if not progress.warned and (message := guards.slow_death(progress.grad_norms, progress.losses)):
+        progress.warned = True
+        guards.warn(f"step {step}: {message}")
+
+
+def interrupted(cfg) -> int:
+    """Ctrl-C: one line with the newest checkpoint and the command that resumes from it; exit code 130."""
+    found = checkpoint_dirs(cfg.out_dir)
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    command = f"{Path(sys.executable).name} -m opd_mini.train {' '.join(args)} --resume true".replace("  ", " ")
+    where = (f"the newest checkpoint is {found[-1]}; continue with: {command}" if found else
+             "no checkpoint was written yet (set --save_every to keep one)")
+    sys.stderr.write(f"\ninterrupted: {where}\n")
+    return 130

@@ -1,13 +1,13 @@
 """Student rollouts: sample completions (KV cache, no grad) and record what the loss needs.
 
-The rollouts' layout (left-padded prompts, right-padded completions, masks) is described in
-:mod:`opd_mini.rollouts`. Two samplers draw from the same distribution, softmax(logits / temperature)
+The sampler returns a :class:`opd_mini.batch.Batch` (left-padded prompts, right-padded completions, masks;
+the layout is described there). Two samplers draw from the same distribution, softmax(logits / temperature)
 filtered by top-k and top-p:
 
-* ``method="generate"`` (the default, the readable reference): Hugging Face ``generate``, then one
+* ``method="generate"`` (the readable reference): Hugging Face ``generate``, then one
   chunked forward of the same weights for ``behaviour_logp``
   (:func:`opd_mini.forward.sampled_token_logprobs`), so it equals the trainer's own forward bit for bit.
-* ``method="decode"`` (the fast path): :func:`decode`, a KV-cache loop of this module that draws each
+* ``method="decode"`` (the default, the fast path): :func:`decode`, a KV-cache loop of this module that draws each
   token by inverse-CDF sampling (one uniform number per row and step, a float64 cumulative sum) instead
   of ``torch.multinomial`` (which draws one exponential number per vocabulary entry), and records
   ``behaviour_logp`` while decoding, with no second forward. Its samples for a seed differ from
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from opd_mini.forward import base_model, project_logits, sampled_token_logprobs
-from opd_mini.rollouts import Rollouts, completion_mask_from_ids, position_ids_from_mask
+from opd_mini.batch import Batch, completion_mask_from_ids, position_ids_from_mask
 
 #: The samplers of :func:`sample` (see the module docstring).
 METHODS = ("generate", "decode")
@@ -124,22 +124,22 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
 
 
 def _assemble(tokenizer, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, eos_ids, pad_id,
-              behaviour_logp_BT, prompt_index_B, prompt_texts) -> Rollouts:
+              behaviour_logp_BT, prompt_index_B, prompt_texts) -> Batch:
     completion_mask_BT = completion_mask_from_ids(completion_ids_BT, eos_ids or None)
     completion_ids_BT = torch.where(completion_mask_BT, completion_ids_BT, torch.full_like(completion_ids_BT, pad_id))
     behaviour_logp_BT = torch.where(completion_mask_BT, behaviour_logp_BT, torch.zeros_like(behaviour_logp_BT))
     texts = tokenizer.batch_decode([row[m].tolist() for row, m in zip(completion_ids_BT, completion_mask_BT)],
                                    skip_special_tokens=True)
-    return Rollouts(
-        input_ids=torch.cat([prompt_ids_BP, completion_ids_BT], dim=1),
-        attention_mask=torch.cat([prompt_mask_BP, completion_mask_BT.long()], dim=1),
-        completion_ids=completion_ids_BT,
-        completion_mask=completion_mask_BT,
-        behaviour_logp=behaviour_logp_BT.float(),
+    return Batch(
+        tokens_BT=completion_ids_BT,
+        mask_BT=completion_mask_BT,
+        input_ids_BL=torch.cat([prompt_ids_BP, completion_ids_BT], dim=1),
+        attention_mask_BL=torch.cat([prompt_mask_BP, completion_mask_BT.long()], dim=1),
         prompt_len=prompt_ids_BP.shape[1],
-        prompt_index=prompt_index_B,
+        prompt_index_B=prompt_index_B,
         completions=texts,
         prompt_texts=prompt_texts,
+        behaviour_logp_BT=behaviour_logp_BT.float(),
     )
 
 
@@ -156,9 +156,9 @@ def sample(
     top_k: int = 0,
     use_chat_template: bool | str = "auto",
     seed: int | None = None,
-    method: str = "generate",
+    method: str = "decode",
     behaviour_logp: str | None = None,
-) -> Rollouts:
+) -> Batch:
     """Sample ``num_generations`` completions per prompt from ``model`` (KV cache, no grad).
 
     ``temperature=0`` decodes greedily; otherwise tokens are drawn from the temperature-scaled
@@ -226,15 +226,40 @@ def sample(
             if behaviour_logp == "forward":
                 # One chunked no-grad forward of the same weights (still in eval mode) rather than
                 # generate(output_logits=True), which would keep T × (B, V) fp32 logits in memory.
-                rollouts.behaviour_logp = sampled_token_logprobs(model, rollouts, vocab_size=vocab).float()
+                rollouts.behaviour_logp_BT = sampled_token_logprobs(model, rollouts, vocab_size=vocab).float()
     finally:
         model.train(was_training)
     return rollouts
 
 
+class NotADistributionError(ValueError):
+    """The model's logits are NaN or inf where a token must be drawn: a diverged run (exit code 3)."""
+
+    exit_code = 3
+
+
+#: The message of a sampler that meets logits with no distribution behind them (NaN or inf).
+NOT_A_DISTRIBUTION = ("the model's next-token logits are not finite at {where} (NaN or inf), so there is no distribution "
+                      "to sample from: its weights have diverged (resume from the last checkpoint known good with a "
+                      "lower --lr) or overflow in low precision (try --dtype float32)")
+
+
 def _generate(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens, head_rows, vocab_size, eos_ids, pad_id,
               temperature, top_p, top_k) -> torch.Tensor:
-    """Completion ids (B, T) from Hugging Face ``generate``: the reference sampler."""
+    """Completion ids (B, T) from Hugging Face ``generate``: the reference sampler. Its draw checks the distribution
+    (``torch.multinomial`` refuses NaN/inf probabilities); that refusal becomes the same one-line error as decode's."""
+    try:
+        return _hf_generate(model, prompt_ids_BP, prompt_mask_BP, max_new_tokens=max_new_tokens, head_rows=head_rows,
+                            vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id, temperature=temperature,
+                            top_p=top_p, top_k=top_k)
+    except RuntimeError as e:
+        if "probability tensor contains" in str(e):
+            raise NotADistributionError(NOT_A_DISTRIBUTION.format(where="a generate step")) from None
+        raise
+
+
+def _hf_generate(model, prompt_ids_BP, prompt_mask_BP, *, max_new_tokens, head_rows, vocab_size, eos_ids, pad_id,
+                 temperature, top_p, top_k) -> torch.Tensor:
     greedy = temperature == 0
     gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature),
                                                             top_p=float(top_p), top_k=int(top_k), **NEUTRAL_SAMPLING)
@@ -262,11 +287,31 @@ def filter_logits(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int 
         kth_B1 = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth_B1, float("-inf"))
     if top_p < 1.0:
-        sorted_BV, order_BV = scores.sort(dim=-1)  # ascending: drop the low tail whose mass is <= 1 - top_p
-        drop_BV = sorted_BV.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        drop_BV[:, -1] = False
-        scores = scores.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
+        scores = scores.masked_fill(~nucleus(scores, top_p), float("-inf"))
     return scores
+
+
+#: Candidates top-p looks at first; only rows whose nucleus is wider fall back to more (then the whole vocabulary).
+NUCLEUS_CANDIDATES = 64
+
+
+def nucleus(scores_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) bool: the smallest set of most likely tokens whose mass exceeds ``top_p`` (at least one), the set
+    ``generate``'s top-p warper keeps, found without sorting the vocabulary: a token is kept when the mass of
+    the tokens more likely than it is below ``top_p``, so the set lies inside the top-k candidates whenever
+    their mass reaches ``top_p``; k starts at :data:`NUCLEUS_CANDIDATES` and grows ×8 for rows that need more."""
+    probs_BV = scores_BV.softmax(dim=-1)
+    V = probs_BV.shape[-1]
+    k = min(NUCLEUS_CANDIDATES, V)
+    while True:
+        top_BK, idx_BK = probs_BV.topk(k, dim=-1)  # descending
+        if k == V or bool((top_BK.sum(-1, dtype=torch.float64) >= top_p).all()):
+            break
+        k = min(V, k * 8)
+    before_BK = top_BK.cumsum(-1, dtype=torch.float64) - top_BK  # the mass of the more likely candidates
+    keep_BK = before_BK < top_p
+    keep_BK[:, 0] = True
+    return torch.zeros_like(probs_BV, dtype=torch.bool).scatter(1, idx_BK, keep_BK)
 
 
 def inverse_cdf_sample(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -292,7 +337,7 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
     (temperature 1, unfiltered): what the trainer's forward gives, to float rounding. Rows that produced
     an EOS get ``pad_id`` (log-prob 0) afterwards; the loop stops when every row has ended or after
     ``max_new_tokens``. Position ids are counted over the attention mask, as in ``generate`` and
-    :meth:`Rollouts.position_ids`. ``model`` may be a peft model (its adapters stay as they are).
+    :meth:`Batch.position_ids_BL`. ``model`` may be a peft model (its adapters stay as they are).
     """
     from transformers import DynamicCache
 
@@ -309,6 +354,8 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
     for t in range(max_new_tokens):
         logits_BV = project_logits(model, out.last_hidden_state[:, -1], vocab_size).float()
         lse_B1 = logits_BV.logsumexp(dim=-1, keepdim=True)
+        if not bool(torch.isfinite(lse_B1).all()):  # NaN or inf logits: no distribution to draw from
+            raise NotADistributionError(NOT_A_DISTRIBUTION.format(where=f"decoding step {t + 1}"))
         if temperature == 0:
             y_B = logits_BV.argmax(dim=-1)
         elif temperature == 1.0 and top_k == 0 and top_p == 1.0:  # the unfiltered distribution: reuse the logsumexp
@@ -328,9 +375,9 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
-def with_prompts(rollouts: Rollouts, tokenizer, prompts: list[str], *, use_chat_template: bool | str = "auto",
-                 max_length: int | None = None) -> Rollouts:
-    """The same completions behind other prompts (``prompts[i]`` for the rows of ``rollouts.prompt_index == i``):
+def with_prompts(rollouts: Batch, tokenizer, prompts: list[str], *, use_chat_template: bool | str = "auto",
+                 max_length: int | None = None) -> Batch:
+    """The same completions behind other prompts (``prompts[i]`` for the rows of ``rollouts.prompt_index_B == i``):
     what a teacher with privileged context reads (on-policy self-distillation, ``teacher_template``).
 
     The completion part is copied unchanged (ids, mask, behaviour log-probs, attention), so position t of
@@ -338,27 +385,25 @@ def with_prompts(rollouts: Rollouts, tokenizer, prompts: list[str], *, use_chat_
     scores of the result line up with the student's token by token. ``max_length`` (the teacher's
     context) is checked against the new prompt plus the completion."""
     rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template)
-    ids_BP, mask_BP = left_pad([rows[i] for i in rollouts.prompt_index.tolist()], _pad_id(
+    ids_BP, mask_BP = left_pad([rows[i] for i in rollouts.prompt_index_B.tolist()], _pad_id(
         tokenizer, [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
-    T = rollouts.completion_ids.shape[1]
+    T = rollouts.tokens_BT.shape[1]
     if max_length is not None and ids_BP.shape[1] + T > max_length:
         longest = max(len(r) for r in rows)
         raise ValueError(f"the teacher's prompt (teacher_template) has up to {longest} tokens; with the {T} completion "
                          f"tokens that exceeds the teacher's context of {max_length} positions: shorten the template "
                          "or lower max_new_tokens")
     P = rollouts.prompt_len
-    device = rollouts.input_ids.device
-    return Rollouts(
-        input_ids=torch.cat([ids_BP.to(device), rollouts.input_ids[:, P:]], dim=1),
-        attention_mask=torch.cat([mask_BP.to(device), rollouts.attention_mask[:, P:]], dim=1),
-        completion_ids=rollouts.completion_ids, completion_mask=rollouts.completion_mask,
-        behaviour_logp=rollouts.behaviour_logp, prompt_len=ids_BP.shape[1], prompt_index=rollouts.prompt_index,
-        completions=rollouts.completions, prompt_texts=texts)
+    device = rollouts.input_ids_BL.device
+    return rollouts.replace(
+        input_ids_BL=torch.cat([ids_BP.to(device), rollouts.input_ids_BL[:, P:]], dim=1),
+        attention_mask_BL=torch.cat([mask_BP.to(device), rollouts.attention_mask_BL[:, P:]], dim=1),
+        prompt_len=ids_BP.shape[1], prompt_texts=texts)
 
 
 def build_rollouts(tokenizer, prompts: list[str], completions: list[str], *, use_chat_template: bool | str = "auto",
-                   add_eos: bool = True, max_length: int | None = None) -> Rollouts:
-    """Rollouts from given prompt/completion texts (no sampling): SFT on answers or on teacher samples.
+                   add_eos: bool = True, max_length: int | None = None) -> Batch:
+    """A batch from given prompt/completion texts (no sampling): SFT on answers or on teacher samples.
 
     Each completion is tokenized without special tokens and followed by EOS when ``add_eos``; the
     layout and masks are those of :func:`sample`, and ``behaviour_logp`` is 0. Row i is ``prompts[i]``
@@ -387,8 +432,6 @@ def build_rollouts(tokenizer, prompts: list[str], completions: list[str], *, use
     rollouts = _assemble(tokenizer, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, eos_ids if add_eos else [],
                          pad_id, torch.zeros((len(rows), T)), torch.arange(len(rows)), texts)
     # without EOS the masks come from the lengths alone (padding is masked)
-    mask_BT = rollouts.completion_mask & length_mask_BT
-    rollouts.completion_mask = mask_BT
-    rollouts.completions = list(completions)
-    rollouts.attention_mask = torch.cat([prompt_mask_BP, mask_BT.long()], dim=1)
-    return rollouts
+    mask_BT = rollouts.mask_BT & length_mask_BT
+    return rollouts.replace(mask_BT=mask_BT, completions=list(completions),
+                            attention_mask_BL=torch.cat([prompt_mask_BP, mask_BT.long()], dim=1))

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel
 from opd_mini.forward import completion_hidden, completion_logits, project_logits
 from opd_mini.loading import load_pretrained
 from opd_mini.losses import token_logprobs
+from opd_mini.batch import Batch
 from opd_mini.registry import LossOptions, LossSpec, MetricMean
-from opd_mini.rollouts import MicroBatch
 
 
 def load_student(
@@ -87,7 +87,7 @@ def load_student(
     return model
 
 
-def loss_and_backward(model, batch: MicroBatch, spec: LossSpec, opts: LossOptions, *, vocab_size: int,
+def loss_and_backward(model, batch: Batch, spec: LossSpec, opts: LossOptions, *, vocab_size: int,
                       chunk_size: int = 0, check: Callable | None = None) -> MetricMean:
     """Student forward, the registered loss ``spec``, backward, for one micro-batch; returns its metrics.
 
@@ -95,26 +95,27 @@ def loss_and_backward(model, batch: MicroBatch, spec: LossSpec, opts: LossOption
     decoder gives hidden states (B, T, H); the output head runs on C positions at a time, so at most
     (B, C, V) logits exist at once, and their gradient is accumulated into the hidden states, which are
     back-propagated through the decoder once at the end. A distribution loss whose teacher arrives as
-    hidden states (``inputs.teacher_logp_fn``) has the teacher's head projected for the same C positions
-    only: no (B, T, V) tensor of either model exists. Token losses take two passes over the chunks:
-    the first (no grad) gives log π_θ(y_t) for all T (the loss may couple positions, e.g. γ > 0), the
-    loss's gradient w.r.t. those log-probs is then pushed through each chunk in the second.
+    hidden states (``batch.teacher_hidden_BTH``) has the teacher's head projected for the same C positions
+    only (:meth:`Batch.slice_T`): no (B, T, V) tensor of either model exists. Token losses take two passes
+    over the chunks: the first (no grad) gives log π_θ(y_t) for all T (the loss may couple positions, e.g.
+    γ > 0), the loss's gradient w.r.t. those log-probs is then pushed through each chunk in the second.
     ``check(loss, metrics)`` runs before each backward (the loop's non-finite diagnostic).
     """
-    check = check or (lambda loss, metrics: None)
-    inputs, ids_BT, metrics = batch.inputs, batch.inputs.tokens_BT, MetricMean()
+    check = _scalar_check(spec, check or (lambda loss, metrics: None))
+    ids_BT, metrics = batch.tokens_BT, MetricMean()
     if chunk_size == 0:  # ------------------------------------------------------------ simple path
-        inputs = inputs.slice_T(slice(None))  # a teacher kept as hidden states is projected in one piece here
-        logits_BTV = completion_logits(model, batch.rollouts, vocab_size)
-        x = token_logprobs(logits_BTV, ids_BT) if spec.kind == "token" else logits_BTV
+        inputs = batch.slice_T(slice(None))  # a teacher kept as hidden states is projected in one piece here
+        logits_BTV = completion_logits(model, batch, vocab_size)
+        x = token_logprobs(logits_BTV, ids_BT.to(logits_BTV.device)) if spec.kind == "token" else logits_BTV
         loss, mets = spec.fn(x, inputs, opts)
         check(loss, mets)
         loss.backward()
         metrics.add(mets, inputs.mask_BT)
         return metrics
 
-    hidden_BTH, _ = completion_hidden(model, batch.rollouts)  # ----------------------------- chunked path
+    hidden_BTH, _ = completion_hidden(model, batch)  # ------------------------------------- chunked path
     h_BTH = hidden_BTH.detach().requires_grad_()
+    ids_BT = ids_BT.to(h_BTH.device)
     T = ids_BT.shape[1]
     spans = [slice(s, min(s + chunk_size, T)) for s in range(0, T, chunk_size)]
 
@@ -125,20 +126,35 @@ def loss_and_backward(model, batch: MicroBatch, spec: LossSpec, opts: LossOption
         with torch.no_grad():
             logp_BT = torch.cat([token_logprobs(chunk_logits(s), ids_BT[:, s]) for s in spans], dim=1)
         logp_BT.requires_grad_()
-        loss, mets = spec.fn(logp_BT, inputs, opts)
+        loss, mets = spec.fn(logp_BT, batch, opts)
         check(loss, mets)
         loss.backward()  # dloss/dlogp_BT into logp_BT.grad
         for s in spans:
             token_logprobs(chunk_logits(s), ids_BT[:, s]).backward(logp_BT.grad[:, s])
-        metrics.add(mets, inputs.mask_BT)
+        metrics.add(mets, batch.mask_BT)
     else:
         for s in spans:
-            loss, mets = spec.fn(chunk_logits(s), inputs.slice_T(s), opts)
+            loss, mets = spec.fn(chunk_logits(s), batch.slice_T(s), opts)
             check(loss, mets)
             loss.backward()
-            metrics.add(mets, inputs.mask_BT[:, s])
+            metrics.add(mets, batch.mask_BT[:, s])
     hidden_BTH.backward(h_BTH.grad)
     return metrics
+
+
+def _scalar_check(spec: LossSpec, check: Callable) -> Callable:
+    """The loss must return a scalar tensor and a dict of scalars (a registered user loss may not)."""
+    def checked(loss, metrics):
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"the loss {spec.name!r} ({spec.fn.__module__}.{spec.fn.__qualname__}) returned {shape}, "
+                             "not a scalar tensor: reduce it to the per-token mean over the mask (see opd_mini.losses)")
+        bad = [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() != 1]
+        if bad:
+            raise ValueError(f"the loss {spec.name!r} returned the metric {bad[0]!r} of shape "
+                             f"{tuple(metrics[bad[0]].shape)}: each metric must be one number")
+        check(loss, metrics)
+    return checked
 
 
 def save_student(model, path: str | os.PathLike, tokenizer=None) -> Path:

@@ -1,6 +1,18 @@
 """Verifiable prompt sources: a task yields (prompt, answer) examples and scores completions.
 
-Specs understood by :func:`get_task`::
+Tasks are registered like losses: :data:`TASK_REGISTRY` maps a kind to a factory, and a spec
+``KIND:ARG`` builds one (``reverse:5`` → ``ReverseTask("5")``). Your own task is one decorated class
+(or function) in your own file, loaded with ``--task_plugins my_tasks.py``::
+
+    @tasks.register("upper")
+    class Upper(tasks.Task):  # upper-case N letters: "abc>" -> "ABC"
+        def __init__(self, arg: str):
+            self.n = int(arg or 3)
+        def _example(self, rng):
+            s = "".join(rng.choice("abcdefgh") for _ in range(self.n))
+            return tasks.Example(prompt=f"{s}>", answer=s.upper())
+
+Specs understood by :func:`get_task` out of the box::
 
     reverse:N          reverse an N-digit string           "0412>"      -> "2140"
     add:N              add two N-digit numbers             "123+456="   -> "579"
@@ -25,13 +37,12 @@ whitespace, equals the answer, else 0.0.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-
-#: What :func:`get_task` accepts, for error messages and ``--help`` texts.
-TASK_SPECS = ("reverse:N", "add:N", "walk:N", "jsonl:PATH", "hf:NAME[:SPLIT]", "A+B (a mixture, A*3+B weighted)")
+from typing import Callable
 
 #: End-of-sequence markers a completion is cut at before comparing (decoded text normally has none:
 #: the sampler decodes up to the first EOS and skips special tokens).
@@ -45,6 +56,7 @@ class Example:
     prompt: str
     answer: str
     task: str = ""  # the spec of the task it came from, set by a mixture (empty for a single task)
+    where: str = dataclasses.field(default="", compare=False, repr=False)  # its file and line, for messages
 
 
 def exact_match(completion: str, answer: str) -> float:
@@ -256,6 +268,27 @@ class MixTask(Task):
         return self.by_name[example.task].reward(completion, example)
 
 
+def check_vocabulary(task: Task, tokenizer) -> None:
+    """A file task's prompts and answers must be written in characters the tokenizer knows: a character it reads
+    as its unknown token (é, an emoji or CJK for the tiny world's character tokenizer) would make the example
+    unlearnable without a word. A ValueError names the file, the line and the character."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    parts = [t for t, _ in task.parts] if isinstance(task, MixTask) else [task]
+    for part in parts:
+        for example in getattr(part, "items", []):
+            for field_name in ("prompt", "answer"):
+                text = getattr(example, field_name)
+                if unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                    continue
+                bad = next((c for c in text if unk in tokenizer(c, add_special_tokens=False)["input_ids"]), "?")
+                where = example.where or f"task {part.name}, example {example.prompt[:30]!r}"
+                raise ValueError(f"{where}: the {field_name} holds the character {bad!r} (U+{ord(bad):04X}), which the "
+                                 f"tokenizer reads as its unknown token {tokenizer.unk_token!r}: the model could never "
+                                 "read or write it; use characters of its vocabulary, or a model with a larger one")
+
+
 def task_of(example: Example, task: Task) -> str:
     """The spec of the task an example belongs to: its mixture part, else ``task`` itself."""
     return example.task or task.name
@@ -297,7 +330,7 @@ def load_jsonl(path: str | Path, eval_fraction: float = 0.1) -> ListTask:
                     raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
             if not record["prompt"].strip():
                 raise ValueError(f"{where}: empty prompt")
-            items.append(Example(prompt=record["prompt"], answer=record["answer"]))
+            items.append(Example(prompt=record["prompt"], answer=record["answer"], where=where))
     if not items:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return ListTask(f"jsonl:{path}", items, eval_fraction)
@@ -332,36 +365,105 @@ def load_hf_dataset(name: str, split: str = "train", *, prompt_column: str = "pr
     return ListTask(f"hf:{name}:{split}", items, eval_fraction)
 
 
-def get_task(spec: str, *, prompt_column: str = "prompt", answer_column: str = "answer",
-             hf_config_name: str | None = None, eval_fraction: float = 0.1) -> Task:
-    """Build a task from its spec string (see the module docstring); unknown specs raise ValueError.
+#: Every task kind a spec can name, in registration order: ``--task KIND:ARG``.
+TASK_REGISTRY: dict[str, "TaskEntry"] = {}
 
-    ``prompt_column`` / ``answer_column`` / ``hf_config_name`` apply to ``hf:`` datasets only.
-    """
-    if "+" in str(spec):
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One registered task kind: its factory (``factory(arg)`` → a :class:`Task`) and how to write its spec."""
+
+    kind: str
+    factory: Callable[..., Task]
+    usage: str  # e.g. "reverse:N"
+
+
+def register(kind: str, *, usage: str | None = None, replace: bool = False) -> Callable:
+    """Decorator: add a task kind to :data:`TASK_REGISTRY` (the module docstring has an example).
+
+    The decorated class or function is called with the text after ``KIND:`` (``""`` for a bare ``KIND``) and,
+    when it takes one, the keyword ``eval_fraction``; it returns a :class:`Task`, whose ``name`` is then the
+    spec. A kind already taken by another factory is an error unless ``replace``."""
+    if not kind or any(c in kind for c in ":+*"):
+        raise ValueError(f"a task kind must be a non-empty name without ':', '+' or '*', got {kind!r}")
+
+    def add(factory: Callable) -> Callable:
+        old = TASK_REGISTRY.get(kind)
+        same = old is not None and (old.factory.__module__, old.factory.__qualname__) == (
+            factory.__module__, factory.__qualname__)
+        if old is not None and not (replace or same):
+            raise ValueError(f"a task named {kind!r} is already registered ({old.factory.__module__}."
+                             f"{old.factory.__qualname__}); pick another name or pass replace=True")
+        TASK_REGISTRY[kind] = TaskEntry(kind, factory, usage or f"{kind}:ARG")
+        return factory
+
+    return add
+
+
+def task_specs() -> tuple[str, ...]:
+    """How to write each registered task kind, and a mixture (for error messages and ``--help``)."""
+    return tuple(e.usage for e in TASK_REGISTRY.values()) + ("A+B (a mixture, A*3+B weighted)",)
+
+
+register("reverse", usage="reverse:N")(lambda arg: ReverseTask(_int_arg("reverse", arg)))
+register("add", usage="add:N")(lambda arg: AddTask(_int_arg("add", arg)))
+register("walk", usage="walk:N")(lambda arg: WalkTask(_int_arg("walk", arg)))
+register("jsonl", usage="jsonl:PATH")(lambda arg, eval_fraction=0.1: load_jsonl(_nonempty("jsonl", arg),
+                                                                               eval_fraction))
+register("hf", usage="hf:NAME[:SPLIT]")(
+    lambda arg, eval_fraction=0.1: load_hf_dataset(_nonempty("hf", arg).partition(":")[0],
+                                                   arg.partition(":")[2] or "train", eval_fraction=eval_fraction))
+
+#: Largest mixture weight: weights are relative, and larger ones only overflow the split of a step's prompts.
+MAX_MIXTURE_WEIGHT = 1e6
+
+
+def get_task(spec: str, *, eval_fraction: float = 0.1) -> Task:
+    """Build a task from its spec string: a registered ``KIND:ARG``, or a mixture ``A+B`` / ``A*3+B`` of them.
+    An unknown kind is a ValueError listing the registered ones."""
+    spec = str(spec)
+    if "+" in spec and not _is_file_spec(spec):
         parts = []
-        for piece in str(spec).split("+"):
-            one, star, weight = piece.strip().rpartition("*") if "*" in piece else (piece.strip(), "", "1")
+        for piece in spec.split("+"):
+            one, _, weight = piece.strip().rpartition("*") if "*" in piece else (piece.strip(), "", "1")
             try:
                 w = float(weight)
             except ValueError:
                 w = -1.0
-            if not w > 0:
-                raise ValueError(f"task {spec!r}: the weight in {piece.strip()!r} must be a positive number (A*3+B)")
-            parts.append((get_task(one, prompt_column=prompt_column, answer_column=answer_column,
-                                   hf_config_name=hf_config_name, eval_fraction=eval_fraction), w))
-        return MixTask(str(spec), parts)
-    kind, _, arg = str(spec).partition(":")
-    if kind in ("reverse", "add", "walk"):
-        try:
-            n = int(arg)
-        except ValueError:
-            raise ValueError(f"task {spec!r}: expected {kind}:N with an integer N, e.g. {kind}:3") from None
-        return {"reverse": ReverseTask, "add": AddTask, "walk": WalkTask}[kind](n)
-    if kind == "jsonl" and arg:
-        return load_jsonl(arg, eval_fraction)
-    if kind == "hf" and arg:
-        name, _, split = arg.partition(":")
-        return load_hf_dataset(name, split or "train", prompt_column=prompt_column,
-                               answer_column=answer_column, config_name=hf_config_name, eval_fraction=eval_fraction)
-    raise ValueError(f"unknown task {spec!r}; valid task specs are: {', '.join(TASK_SPECS)}")
+            if not 0 < w <= MAX_MIXTURE_WEIGHT:  # also NaN and inf
+                raise ValueError(f"task {spec!r}: the weight in {piece.strip()!r} must be a number in (0, "
+                                 f"{MAX_MIXTURE_WEIGHT:g}] (A*3+B)")
+            parts.append((get_task(one, eval_fraction=eval_fraction), w))
+        return MixTask(spec, parts)
+    kind, _, arg = spec.partition(":")
+    entry = TASK_REGISTRY.get(kind)
+    if entry is None:
+        raise ValueError(f"unknown task {spec!r}; valid task specs are: {', '.join(task_specs())} (register your own "
+                         "with opd_mini.tasks.register and --task_plugins)")
+    takes_fraction = "eval_fraction" in inspect.signature(entry.factory).parameters
+    task = entry.factory(arg, eval_fraction=eval_fraction) if takes_fraction else entry.factory(arg)
+    if not isinstance(task, Task):
+        raise ValueError(f"the task factory of {kind!r} returned {type(task).__name__}, not an opd_mini.tasks.Task")
+    if task.name == Task.name:  # a user task that did not name itself: its spec names it
+        task.name = spec
+    return task
+
+
+def _is_file_spec(spec: str) -> bool:
+    """A ``jsonl:`` spec whose whole text names an existing file (a path may contain '+')."""
+    kind, _, arg = spec.partition(":")
+    return kind == "jsonl" and Path(arg).is_file()
+
+
+def _int_arg(kind: str, arg: str) -> int:
+    try:
+        return int(arg)
+    except ValueError:
+        raise ValueError(f"task {kind}:{arg!r}: expected {kind}:N with an integer N, e.g. {kind}:3") from None
+
+
+def _nonempty(kind: str, arg: str) -> str:
+    if not arg:
+        raise ValueError(f"task {kind!r} needs an argument: {kind}:PATH" if kind == "jsonl" else
+                         f"task {kind!r} needs an argument: {kind}:NAME[:SPLIT]")
+    return arg

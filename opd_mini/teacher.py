@@ -1,38 +1,36 @@
 """The teacher: load it (optionally 4-bit/8-bit through bitsandbytes) and score the student's rollouts.
 
 Scoring is one no-grad forward of the teacher's decoder over prompt + completion, followed by the
-output head and a log-softmax over the shared vocabulary **in chunks of positions**, so the full
-(B, T, V) teacher logits never sit in memory at once (with V = 151,936, B = 8, T = 256 they alone
-would be 1.2 GB in float32). Each chunk keeps only what the losses need::
+output head and a log-softmax over the shared vocabulary **in chunks of rows and positions**, so the
+full (B, T, V) teacher logits never sit in memory at once (with V = 151,936, B = 8, T = 256 they alone
+would be 1.2 GB in float32). Each chunk keeps only what the loss needs, in the batch's teacher fields::
 
-    sampled_logp  (B, T)     log q(y_t | c_t) of the student's sampled tokens
-    topk_ids      (B, T, K)  the teacher's K most likely tokens at each position
-    topk_logp     (B, T, K)  their log-probabilities (normalised over the full shared vocabulary)
-    entropy       (B, T)     H(q(·|c_t)) = −Σ_v q(v|c_t) log q(v|c_t), in nats
-    full_logp     (B, T, V)  only with full=True (full-vocabulary losses, the readable reference path)
-    hidden        (B, T, H)  only with keep_hidden=True: the fused path of the full-vocabulary losses keeps
-                             the teacher's final hidden states and projects them chunk by chunk
-                             (:meth:`TeacherSignal.full_logp_chunk`), so no (B, T, V) tensor exists
+    teacher_logp_BT        (B, T)     log q(y_t | c_t) of the student's sampled tokens
+    teacher_entropy_BT     (B, T)     H(q(·|c_t)) = −Σ_v q(v|c_t) log q(v|c_t), in nats
+    teacher_topk_ids_BTK   (B, T, K)  the teacher's K most likely tokens at each position (top_k > 0)
+    teacher_topk_logp_BTK  (B, T, K)  their log-probabilities (normalised over the full shared vocabulary)
+    teacher_logp_BTV       (B, T, V)  only with full=True (full-vocabulary losses, the readable reference path)
+    teacher_hidden_BTH     (B, T, H)  only with keep_hidden=True: the fused path of the full-vocabulary losses
+                                      keeps the teacher's final hidden states and projects them chunk by chunk
+                                      (:meth:`opd_mini.batch.Batch.teacher_logp_chunk`): no (B, T, V) tensor
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from opd_mini.forward import completion_hidden, embedding_rows, is_peft, project_logits
+from opd_mini.forward import completion_hidden, embedding_rows, is_peft, logit_chunks, project_logits
 from opd_mini.loading import QuantizationError, load_pretrained, quantization_config
 from opd_mini.losses import token_logprobs
-from opd_mini.rollouts import Rollouts
+from opd_mini.batch import Batch
 
 #: ``quantization_config`` and ``QuantizationError`` live in :mod:`opd_mini.loading` and are kept here too,
 #: next to the teacher that uses them most.
-__all__ = ["QuantizationError", "TeacherSignal", "check_same_tokenizer", "load_teacher", "quantization_config",
+__all__ = ["QuantizationError", "check_same_tokenizer", "load_teacher", "quantization_config",
            "score", "shared_vocab_size", "teacher_is_student_base"]
 
 
@@ -108,29 +106,6 @@ def shared_vocab_size(tokenizer, student_model, teacher_model, *, teacher_tokeni
     return n
 
 
-@dataclass
-class TeacherSignal:
-    """What the losses need from the teacher, per completion position (see the module docstring)."""
-
-    sampled_logp: torch.Tensor  # (B, T) float32: log q(y_t|c_t); 0 where the completion mask is False
-    topk_ids: torch.Tensor | None  # (B, T, K) long, or None when top_k = 0
-    topk_logp: torch.Tensor | None  # (B, T, K) float32, log-softmax over the full shared vocabulary
-    entropy: torch.Tensor  # (B, T) float32: H(q(·|c_t)) in nats; 0 where the completion mask is False
-    full_logp: torch.Tensor | None = None  # (B, T, V) float32, only when scored with full=True
-    hidden: torch.Tensor | None = None  # (B, T, H) the teacher's final hidden states, only with keep_hidden=True
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden (B, C, H) -> logits (B, C, V)
-
-    def full_logp_chunk(self, s: slice) -> torch.Tensor:
-        """log q(·|c_t) at completion positions ``s``, (B, C, V) float32, no grad: a slice of ``full_logp``, or
-        the output head and log-softmax applied to the kept hidden states of those positions only."""
-        if self.full_logp is not None:
-            return self.full_logp[:, s]
-        if self.hidden is None:
-            raise ValueError("the teacher was scored without full=True or keep_hidden=True")
-        with torch.no_grad():
-            return F.log_softmax(self.project(self.hidden[:, s]).float(), dim=-1)
-
-
 def teacher_is_student_base(student_model, teacher_name_or_path) -> bool:
     """True when ``student_model`` is a LoRA student whose base is ``teacher_name_or_path``: the teacher
     is then the student with its adapter disabled (``score(..., disable_adapter=True)``), no second copy."""
@@ -146,69 +121,74 @@ def teacher_is_student_base(student_model, teacher_name_or_path) -> bool:
 
 
 @torch.no_grad()
-def score(teacher_model, rollouts: Rollouts, *, vocab_size: int, top_k: int = 0, full: bool = False,
-          keep_hidden: bool = False, chunk_size: int = 64, disable_adapter: bool = False) -> TeacherSignal:
-    """Score the rollouts under the teacher q, in chunks of ``chunk_size`` completion positions.
+def score(teacher_model, batch: Batch, *, vocab_size: int, top_k: int = 0, full: bool = False,
+          keep_hidden: bool = False, chunk_size: int = 0, disable_adapter: bool = False,
+          view: Batch | None = None) -> Batch:
+    """The batch with the teacher's fields filled: q scores the completions ``batch.tokens_BT``.
 
-    One no-grad forward of the decoder gives hidden states (B, T, H); then for each chunk of C
-    positions the output head and a float32 log-softmax over the first ``vocab_size`` logits give
-    (B, C, V) log-probabilities, from which the sampled token's log-prob, the top-``top_k`` ids and
-    log-probs and the entropy are kept; the chunk is then freed. ``full=True`` also keeps the whole
-    (B, T, V) log-probabilities (for full-vocabulary losses); ``keep_hidden=True`` keeps the (B, T, H)
-    hidden states instead, from which :meth:`TeacherSignal.full_logp_chunk` projects any chunk on demand
-    (the same ops, so the same values). ``disable_adapter=True`` scores a LoRA student with its adapter
-    switched off, i.e. its own base model (self-distillation).
+    ``view`` is what the teacher reads (default: the batch itself; a privileged prompt in front of the same
+    completion tokens, :func:`opd_mini.sampler.with_prompts`). One no-grad forward of the decoder gives
+    hidden states (B, T, H); then, chunk by chunk (:func:`opd_mini.forward.logit_chunks`: rows and positions,
+    at most :data:`~opd_mini.forward.CHUNK_ELEMENTS` logits at once, or ``chunk_size`` positions of every row),
+    the output head and a float32 log-softmax over the first ``vocab_size`` logits give (R, C, V)
+    log-probabilities, from which the sampled token's log-prob (``teacher_logp_BT``), the entropy
+    (``teacher_entropy_BT``) and, with ``top_k`` > 0, the top-K ids and log-probs are kept; the chunk is then
+    freed. ``full=True`` also keeps the whole (B, T, V) log-probabilities (``teacher_logp_BTV``, the readable
+    reference path of the full-vocabulary losses); ``keep_hidden=True`` keeps the hidden states and the head
+    instead (``teacher_hidden_BTH``, ``teacher_head``), from which :meth:`Batch.teacher_logp_chunk` projects any
+    chunk on demand (the same ops, so the same values). ``disable_adapter=True`` scores a LoRA student with its
+    adapter switched off, i.e. its own base model (self-distillation). The teacher's fields are returned on
+    the batch's device.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0 = sized by element count), got {chunk_size}")
     if not (0 <= top_k <= vocab_size):
         raise ValueError(f"top_k must lie in [0, vocab_size={vocab_size}], got {top_k}")
     if disable_adapter and not is_peft(teacher_model):
         raise ValueError("disable_adapter=True needs a peft (LoRA) model: the teacher would be its base model")
     device = next(teacher_model.parameters()).device
-    rollouts = rollouts.to(device)
-    ids_BT, mask_BT = rollouts.completion_ids, rollouts.completion_mask
+    seen = (batch if view is None else view).to(device)
+    ids_BT, mask_BT = seen.tokens_BT.clamp(max=vocab_size - 1), seen.mask_BT  # masked pads may exceed V
     B, T = ids_BT.shape
+    f32 = dict(device=device, dtype=torch.float32)
+    sampled_BT, entropy_BT = torch.zeros(B, T, **f32), torch.zeros(B, T, **f32)
+    topk_logp_BTK = torch.zeros(B, T, top_k, **f32) if top_k else None
+    topk_ids_BTK = torch.zeros(B, T, top_k, device=device, dtype=torch.long) if top_k else None
+    full_BTV = torch.zeros(B, T, vocab_size, **f32) if full else None
 
     was_training = teacher_model.training
     teacher_model.eval()
     try:
         with teacher_model.disable_adapter() if disable_adapter else nullcontext():
-            hidden_BTH, _ = completion_hidden(teacher_model, rollouts)
-            sampled, entropy, topk_ids, topk_logp, full_logp = [], [], [], [], []
-            for start in range(0, T, chunk_size):
-                h_BCH = hidden_BTH[:, start:start + chunk_size]
-                logits_BCV = project_logits(teacher_model, h_BCH, vocab_size).float()
-                if logits_BCV.shape[-1] != vocab_size:
-                    raise ValueError(f"the teacher produces {logits_BCV.shape[-1]} logits, "
+            hidden_BTH, _ = completion_hidden(teacher_model, seen)
+            for rows, cols in logit_chunks(B, T, vocab_size, positions=chunk_size or None):
+                logits_RCV = project_logits(teacher_model, hidden_BTH[rows, cols], vocab_size).float()
+                if logits_RCV.shape[-1] != vocab_size:
+                    raise ValueError(f"the teacher produces {logits_RCV.shape[-1]} logits, "
                                      f"fewer than vocab_size={vocab_size}")
-                y_BC = ids_BT[:, start:start + chunk_size].clamp(max=vocab_size - 1)  # masked pads may exceed it
                 # the same op as the student side (losses.token_logprobs), so a teacher identical to the student
                 # gives r_t = 0 exactly: an optimizer like Adam would otherwise amplify rounding into real steps
-                sampled.append(token_logprobs(logits_BCV, y_BC))
-                logp_BCV = F.log_softmax(logits_BCV, dim=-1)
-                p_BCV = logp_BCV.exp()
-                entropy.append(-(p_BCV * logp_BCV).nan_to_num(0.0).sum(-1))  # 0 · (−inf) = 0
-                if top_k > 0:
-                    values, indices = logp_BCV.topk(top_k, dim=-1)
-                    topk_logp.append(values)
-                    topk_ids.append(indices)
+                sampled_BT[rows, cols] = token_logprobs(logits_RCV, ids_BT[rows, cols])
+                logp_RCV = F.log_softmax(logits_RCV, dim=-1)
+                entropy_BT[rows, cols] = -(logp_RCV.exp() * logp_RCV).nan_to_num(0.0).sum(-1)  # 0 · (−inf) = 0
+                if top_k:
+                    topk_logp_BTK[rows, cols], topk_ids_BTK[rows, cols] = logp_RCV.topk(top_k, dim=-1)
                 if full:
-                    full_logp.append(logp_BCV)
-                del logits_BCV, logp_BCV, p_BCV
+                    full_BTV[rows, cols] = logp_RCV
+                del logits_RCV, logp_RCV
     finally:
         teacher_model.train(was_training)
 
-    def project(h_BCH: torch.Tensor) -> torch.Tensor:  # the teacher's head, as used above
+    def head(h_BCH: torch.Tensor) -> torch.Tensor:  # the teacher's head, as used above
         with teacher_model.disable_adapter() if disable_adapter else nullcontext():
             return project_logits(teacher_model, h_BCH, vocab_size)
 
-    zero = torch.zeros((), device=device)
-    return TeacherSignal(
-        sampled_logp=torch.where(mask_BT, torch.cat(sampled, dim=1), zero),
-        topk_ids=torch.cat(topk_ids, dim=1) if top_k > 0 else None,
-        topk_logp=torch.cat(topk_logp, dim=1) if top_k > 0 else None,
-        entropy=torch.where(mask_BT, torch.cat(entropy, dim=1), zero),
-        full_logp=torch.cat(full_logp, dim=1) if full else None,
-        hidden=hidden_BTH if keep_hidden else None, project=project if keep_hidden else None,
-    )
+    out = batch.tokens_BT.device
+    move = lambda x: x.to(out) if x is not None else None  # noqa: E731
+    keep_BT = mask_BT.to(out)
+    return batch.replace(
+        teacher_logp_BT=torch.where(keep_BT, move(sampled_BT), 0.0),
+        teacher_entropy_BT=torch.where(keep_BT, move(entropy_BT), 0.0),
+        teacher_topk_ids_BTK=move(topk_ids_BTK), teacher_topk_logp_BTK=move(topk_logp_BTK),
+        teacher_logp_BTV=move(full_BTV),
+        teacher_hidden_BTH=move(hidden_BTH) if keep_hidden else None, teacher_head=head if keep_hidden else None)

@@ -32,10 +32,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from opd_mini.config import run_cli
+from opd_mini.cli import run_cli
 from opd_mini.losses import sft_cross_entropy, token_logprobs
 from opd_mini.sampler import build_rollouts, sample
-from opd_mini.student import completion_logits
+from opd_mini.forward import completion_logits
 from opd_mini.tasks import Task, get_task
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +164,8 @@ def sft_train(model, tokenizer, task: Task, *, steps: int, batch_size: int = 64,
         for step in bar:
             examples = task.examples(batch_size, seed=seed * 1_000_003 + step, split="train")
             rollouts = build_rollouts(tokenizer, [e.prompt for e in examples], [e.answer for e in examples])
-            logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.completion_ids)  # (B, T)
-            loss, _ = sft_cross_entropy(logp_BT, rollouts.completion_mask)
+            logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.tokens_BT)  # (B, T)
+            loss, _ = sft_cross_entropy(logp_BT, rollouts.mask_BT)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)

@@ -4,21 +4,24 @@ Gradients are on the sequence scale: T × the gradient of the per-token-mean los
 the γ = 1 estimator's mean is ∇ KL(π(y_1:T) ‖ q(y_1:T)) itself.
 """
 
+import importlib
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import toy.__main__ as toy_main
+from toy.cli import Job, run_jobs
 from toy.bias_variance import Config, estimator_moments, exact_gradient, make_pair, per_sequence_gradients
 from toy.world import sample, sequence_kl
 
+REPO = Path(__file__).resolve().parents[1]
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CFG = Config(V=3, Ts=(1, 2, 3, 4, 5), P=2, seed=0)
 SPECS = [("sampled_token", g) for g in GAMMAS] + [("full", None)]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +142,7 @@ def test_cli_fast_writes_json_and_figure(tmp_path, capsys):
 
 def test_runner_runs_every_experiment_and_lets_import_errors_through(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy_main, "EXPERIMENTS", {"bias-variance": "toy.bias_variance"})
+    monkeypatch.setattr(toy_main, "EVERYTHING", ("bias-variance",))
     real_defaults = toy_main.defaults_for
 
     def fast_defaults(module, out):
@@ -147,7 +151,7 @@ def test_runner_runs_every_experiment_and_lets_import_errors_through(tmp_path, m
         return args
 
     monkeypatch.setattr(toy_main, "defaults_for", fast_defaults)
-    results = toy_main.main(["--out", str(tmp_path)])
+    results = toy_main.main(["--out", str(tmp_path), "--no-progress"])
     assert set(results) == {"bias-variance"}
     printed = capsys.readouterr().out
     assert "done in" in printed and "bias_variance.png" in printed
@@ -160,6 +164,47 @@ def test_runner_runs_every_experiment_and_lets_import_errors_through(tmp_path, m
     sys.modules.pop("broken_experiment", None)
     with pytest.raises(ModuleNotFoundError):
         toy_main.load_experiment("broken")
+
+
+def _add(*values):
+    return sum(values)
+
+
+def _fail():
+    raise ValueError("a bad setting")
+
+
+def test_jobs_run_once_after_the_jobs_they_need_whatever_the_number_of_workers():
+    jobs = [Job("a", _add, (1,)), Job("b", _add, (2,), ("a",)), Job("c", _add, (3,), ("a", "b")),
+            Job("a", _add, (100,))]  # the same key again: the same job
+    for workers in (1, 2):
+        results, timing = run_jobs(jobs, workers)
+        assert results == {"a": 1, "b": 3, "c": 7} and timing.workers == workers
+        assert timing.ended["a"] <= timing.ended["b"] <= timing.ended["c"] == timing.wall()
+    with pytest.raises(ValueError, match="a bad setting"):
+        run_jobs([Job("x", _fail), Job("y", _add, (1,))], 2)
+    with pytest.raises(KeyError):
+        run_jobs([Job("x", _add, needs=("missing",))], 1)
+
+
+def test_every_experiment_module_is_listed_and_run_and_an_unknown_one_is_one_error_line():
+    """``python -m toy --list`` names every module of toy/ that has the experiment contract, one line each;
+    ``python -m toy`` runs all of them; an unknown name is one error line."""
+    contract = ("NAME", "add_arguments", "config_from_args", "jobs", "finish", "main")
+    modules = [importlib.import_module(f"toy.{p.stem}") for p in sorted((REPO / "toy").glob("*.py"))
+               if not p.stem.startswith("__")]
+    found = {m.NAME: m.__name__ for m in modules if all(hasattr(m, a) for a in contract)}
+    assert found == toy_main.EXPERIMENTS
+    assert set(toy_main.EVERYTHING) == set(found)
+    listed = subprocess.run([sys.executable, "-m", "toy", "--list"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == list(toy_main.EXPERIMENTS)
+    bad = subprocess.run([sys.executable, "-m", "toy", "no-such-experiment", "--out", "/nonexistent"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), bad.stderr
+    assert "no-such-experiment" in lines[0] and all(name in lines[0] for name in found)
 
 
 def test_a_registered_user_loss_is_measured_next_to_the_built_in_estimators(monkeypatch):

@@ -6,7 +6,8 @@ from dataclasses import fields
 import pytest
 
 from opd_mini.registry import LOSS_REGISTRY
-from opd_mini.config import PRESETS, TrainConfig, build_parser, field_docs, parse_args
+from opd_mini.config import PRESETS, TrainConfig
+from opd_mini.cli import build_parser, field_docs, parse_args
 
 BAD_VALUES = [
     ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")), ("steps", 0), ("gamma", 1.5), ("gamma", -0.1),

@@ -1,4 +1,4 @@
-"""The course experiments (``toy/course.py``): their maths against brute force, and what they measured.
+"""The course experiments (``toy/course*.py``): their maths against brute force, and what they measured.
 
 The maths: exact pass@k against Monte Carlo and against the expectation of the unbiased estimator,
 the fast sequence log-probabilities against the world's own, the exact signal moments against the
@@ -29,22 +29,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_mini import demo, losses, registry
+from opd_mini import losses, registry
+from opd_mini.batch import Batch
+from opd_mini.experiments import demo
 from toy import course as C
+from toy import course_cost, course_fixes, course_passk
+from toy import course_results as R
+from toy import course_world as W
 from toy.exact import all_sequence_logprobs
+from toy.forgetting_world import trainable_copy
 from toy.world import sample, sequence_kl, success
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cfg() -> C.Config:
-    return C.Config().validate()
+def cfg() -> W.Config:
+    return W.Config().validate()
 
 
 @pytest.fixture(scope="module")
-def cw(cfg) -> C.CourseWorld:
-    return C.build_world(cfg, 0)
+def cw(cfg) -> W.CourseWorld:
+    return W.build_world(cfg, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,17 +63,17 @@ def test_pass_at_k_is_the_expectation_of_the_unbiased_estimator():
     n = 20
     for s in (0.0, 0.03, 0.4, 0.97, 1.0):
         for k in (1, 2, 5, 20):
-            expected = sum(math.comb(n, c) * s ** c * (1 - s) ** (n - c) * C.pass_at_k_unbiased(n, c, k)
+            expected = sum(math.comb(n, c) * s ** c * (1 - s) ** (n - c) * course_passk.pass_at_k_unbiased(n, c, k)
                            for c in range(n + 1))
-            assert expected == pytest.approx(C.pass_at_k_exact(torch.tensor([s], dtype=torch.float64), [k])[0], abs=1e-12)
+            assert expected == pytest.approx(W.pass_at_k_exact(torch.tensor([s], dtype=torch.float64), [k])[0], abs=1e-12)
     with pytest.raises(ValueError):
-        C.pass_at_k_unbiased(4, 1, 5)
+        course_passk.pass_at_k_unbiased(4, 1, 5)
 
 
 def test_pass_at_k_matches_monte_carlo(cw):
     # k samples per prompt, "some correct", over many draws: within 4 standard errors of the exact value
     ks = [1, 4, 16]
-    exact = C.evaluate(cw.init, cw, ks)["pass_at_k"]
+    exact = W.evaluate(cw.init, cw, ks)["pass_at_k"]
     g = torch.Generator().manual_seed(0)
     trials = 400
     prompts = torch.tensor(cw.task.prompts)
@@ -84,19 +90,19 @@ def test_pass_at_k_matches_monte_carlo(cw):
 
 def test_fast_logprobs_and_success_match_the_world(cw):
     for policy in (cw.init, cw.teacher):
-        fast = C.all_logprobs(policy, cw.world)
+        fast = W.all_logprobs(policy, cw.world)
         slow = all_sequence_logprobs(policy, cw.task.prompts)
         assert torch.allclose(fast, slow, atol=1e-5)
-    ev = C.evaluate(cw.init, cw)
+    ev = W.evaluate(cw.init, cw)
     assert ev["success"] == pytest.approx(float(success(cw.init, cw.task)), abs=1e-6)
 
 
 def test_first_k_below():
-    assert C.first_k_below([0.5, 0.6, 0.7], [0.1, 0.5, 0.8]) == 3
-    assert C.first_k_below([0.5, 0.4, 0.9, 0.7], [0.1, 0.5, 0.8, 0.8]) == 4  # must stay below up to the largest k
-    assert C.first_k_below([0.0, 0.1, 0.2], [0.1, 0.5, 0.8]) == 1
-    assert C.first_k_below([0.5, 0.6, 0.9], [0.1, 0.5, 0.8]) is None
-    assert C.k_grid(64) == [1, 2, 4, 8, 16, 32, 64] and C.k_grid(10) == [1, 2, 4, 8, 10]
+    assert course_passk.first_k_below([0.5, 0.6, 0.7], [0.1, 0.5, 0.8]) == 3
+    assert course_passk.first_k_below([0.5, 0.4, 0.9, 0.7], [0.1, 0.5, 0.8, 0.8]) == 4  # must stay below up to the largest k
+    assert course_passk.first_k_below([0.0, 0.1, 0.2], [0.1, 0.5, 0.8]) == 1
+    assert course_passk.first_k_below([0.5, 0.6, 0.9], [0.1, 0.5, 0.8]) is None
+    assert course_passk.k_grid(64) == [1, 2, 4, 8, 16, 32, 64] and course_passk.k_grid(10) == [1, 2, 4, 8, 10]
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +111,7 @@ def test_first_k_below():
 
 
 def test_signal_balance_matches_the_batch_metric_and_the_kl(cw):
-    exact = C.signal_balance(cw.init, cw.teacher, cw.world, cw.task.prompts)
+    exact = W.signal_balance(cw.init, cw.teacher, cw.world, cw.task.prompts)
     # mean reward = −(sequence reverse KL) / T, exactly
     kl = float(sequence_kl(cw.init, cw.teacher, prompts=cw.task.prompts))
     assert exact["mean_reward"] == pytest.approx(-kl / cw.world.T, rel=1e-4)
@@ -114,7 +120,7 @@ def test_signal_balance_matches_the_batch_metric_and_the_kl(cw):
     g = torch.Generator().manual_seed(1)
     prompts = torch.tensor(cw.task.prompts).repeat(250)  # 4,000 sequences
     tokens = sample(cw.init, prompts, g)
-    _, metrics = C.step_loss("opd_sampled", C.trainable_copy(cw.init), cw.teacher, cw.task, prompts, tokens)
+    _, metrics = W.step_loss("opd_sampled", trainable_copy(cw.init), cw.teacher, cw.task, prompts, tokens)
     se = math.sqrt(0.25 / len(prompts))  # one sequence's fraction lies in [0, 1]
     assert abs(float(metrics["opd/neg_reward_frac"]) - exact["neg_reward_frac"]) < 4 * se
 
@@ -129,11 +135,11 @@ def test_zero_advantage_groups_by_enumeration():
             prob = math.prod(p if r else 1 - p for r in rewards.tolist())
             if losses.grpo_advantages(rewards, G).abs().max() == 0:
                 total += prob / len(s_P)
-    fb = C.episode_feedback(s_P, T=5, group_size=G)
+    fb = course_cost.episode_feedback(s_P, T=5, group_size=G)
     assert fb["zero_advantage_groups"] == pytest.approx(total, abs=1e-9)
     h = [-(p * math.log2(p) + (1 - p) * math.log2(1 - p)) for p in s_P.tolist()]
     assert fb["reward_bits"] == pytest.approx(sum(h) / 3, abs=1e-9)
-    assert float(C.binary_entropy_bits(torch.tensor([0.0, 1.0, 0.5])).sum()) == pytest.approx(1.0)
+    assert float(course_cost.binary_entropy_bits(torch.tensor([0.0, 1.0, 0.5])).sum()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
@@ -144,11 +150,11 @@ def test_weighted_loss_is_the_registered_loss_with_unit_weights(clip):
     teacher_logits = torch.randn(6, 3, 4, generator=g) * 3
     mask = torch.ones(6, 3, dtype=torch.bool)
     mask[:, 0] = False
-    batch = registry.LossBatch.from_teacher_logits(tokens, teacher_logits, signal="sampled", mask_BT=mask, num_tokens=1.0)
+    batch = Batch.from_teacher_logits(tokens, teacher_logits, signal="sampled", mask_BT=mask, num_tokens=1.0)
     ref, _ = registry.compute_loss("reverse_kl_sampled", logits, batch, registry.LossOptions(clip_log_ratio=clip))
     (g_ref,) = torch.autograd.grad(ref, logits)
     logp = losses.token_logprobs(logits, tokens)
-    mine = C.weighted_sampled_token_loss(logp, batch.teacher_logp_BT, mask, torch.ones(6), clip)
+    mine = course_fixes.weighted_sampled_token_loss(logp, batch.teacher_logp_BT, mask, torch.ones(6), clip)
     (g_mine,) = torch.autograd.grad(mine, logits)
     assert torch.allclose(g_ref, g_mine, atol=1e-6)
     assert float(ref.detach()) == pytest.approx(float(mine.detach()), abs=1e-5)
@@ -161,7 +167,7 @@ def test_weighted_loss_is_the_registered_loss_with_unit_weights(clip):
 
 def test_flops_table_arithmetic():
     P, Pt, L, T, G = 5e8, 3e9, 100, 400, 8
-    rows = {r["method"]: r for r in C.flops_table(P, L, T, G, P_teacher=Pt)}
+    rows = {r["method"]: r for r in course_cost.flops_table(P, L, T, G, P_teacher=Pt)}
     tok = L + T
     assert rows["sft"]["total"] == 2 * Pt * tok + 6 * P * tok
     assert rows["opd"]["total"] == 2 * P * tok + 2 * Pt * tok + 6 * P * tok
@@ -175,9 +181,9 @@ def test_flops_table_arithmetic():
         assert rows[mine]["total"] == pytest.approx(demo.flops_per_step(theirs, n * T, n, L, int(P), int(Pt)))
     # feedback per prompt: G rewards for GRPO, one teacher score per token for OPD
     assert rows["grpo"]["feedback_scalars"] == G and rows["opd"]["feedback_scalars"] == T
-    assert not C.flops_table(P, L, T, sft_teacher_generates=False)[0]["teacher_generation"]
+    assert not course_cost.flops_table(P, L, T, sft_teacher_generates=False)[0]["teacher_generation"]
     # same-size teacher: the per-sequence costs are 8 : 10 : 8 units of P·(L + T), whatever L and T
-    same = {r["method"]: r["per_sequence"] / (P * tok) for r in C.flops_table(P, L, T, G)}
+    same = {r["method"]: r["per_sequence"] / (P * tok) for r in course_cost.flops_table(P, L, T, G)}
     assert (same["sft"], same["opd"], same["grpo"]) == (8, 10, 8)
 
 
@@ -188,13 +194,13 @@ def test_flops_table_arithmetic():
 
 def test_grpo_sharpens_and_opd_does_not_narrow(cw, cfg):
     ks = list(range(1, cfg.max_k + 1))
-    base = C.evaluate(cw.init, cw, ks)
-    runs = {m: C.evaluate(C.train(m, cw, cfg, 0)[0], cw, ks) for m in ("grpo", "opd_full", "opd_grpo")}
-    teacher = C.evaluate(cw.teacher, cw, ks)
+    base = W.evaluate(cw.init, cw, ks)
+    runs = {m: W.evaluate(W.train(m, cw, cfg, 0)[0], cw, ks) for m in ("grpo", "opd_full", "opd_grpo")}
+    teacher = W.evaluate(cw.teacher, cw, ks)
     grpo, opd, hybrid = runs["grpo"], runs["opd_full"], runs["opd_grpo"]
     assert grpo["pass_at_k"][0] > base["pass_at_k"][0] + 0.2          # sharper at k = 1 …
     assert grpo["pass_at_k"][-1] < base["pass_at_k"][-1]               # … π₀ ahead at k = 64 (this seed)
-    assert C.first_k_below(grpo["pass_at_k"], base["pass_at_k"]) > 8
+    assert course_passk.first_k_below(grpo["pass_at_k"], base["pass_at_k"]) > 8
     assert grpo["entropy"] < 0.5 * opd["entropy"]
     assert opd["pass_at_k"][-1] > 0.99 and teacher["pass_at_k"][-1] > 0.99
     assert min(o - b for o, b in zip(opd["pass_at_k"], base["pass_at_k"])) > 0  # OPD above π₀ at every k
@@ -202,8 +208,8 @@ def test_grpo_sharpens_and_opd_does_not_narrow(cw, cfg):
 
 
 def test_clipping_restores_learning_on_the_content_tokens(cfg):
-    small = C.Config(clip_values=(0.0, 1.0), clip_steps=60, seeds=1).validate()
-    res = C.run_clipping(small, 0)
+    small = W.Config(clip_values=(0.0, 1.0), clip_steps=60, seeds=1).validate()
+    res = course_fixes.run_clipping(small, 0)
     none, clipped = res["runs"]["0.0"], res["runs"]["1.0"]
     assert res["init"]["style_kl"] > 5                                   # the style token's gap is ~9 nats
     assert none[0]["style_share"] > 0.8 > 0.3 > clipped[0]["style_share"]  # it dominates the unclipped gradient
@@ -216,18 +222,47 @@ def test_clipping_restores_learning_on_the_content_tokens(cfg):
 # --------------------------------------------------------------------------------------------
 
 
-def test_cli_fast_writes_json_and_figures(tmp_path):
-    result = C.cli(["--fast", "--no-progress", "--out", str(tmp_path)])
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """``python -m toy.course --fast`` in-process: (returned dict, course.json, out dir)."""
+    out = tmp_path_factory.mktemp("course")
+    result = C.cli(["--fast", "--no-progress", "--out", str(out)])
+    return result, json.loads((out / "course.json").read_text()), out
+
+
+def test_cli_fast_writes_json_and_figures(fast_run, tmp_path):
+    result, data, out = fast_run
     assert result["figures"] and result["config"]["fast"]
-    data = json.loads((tmp_path / "course.json").read_text())
     assert set(data) == {"config", "summary", "flops", "seeds", "clipping_runs"}
+    assert list(data["summary"]) == list(R.SUMMARY_ORDER)
     assert set(data["summary"]["table"]) == {"base", "teacher", *C.METHODS}
     assert len(data["summary"]["pass_at_k"]["grpo"]["mean"]) == data["config"]["max_k"]
-    for name in ("passk", "cost", "fixes"):
-        assert (tmp_path / f"course_{name}.png").stat().st_size > 10_000
+    for part in C.PARTS:  # each experiment's own file holds its part of course.json
+        stem = part.NAME.replace("-", "_")
+        assert (out / f"{stem}.png").stat().st_size > 10_000
+        own = json.loads((out / f"{stem}.json").read_text())
+        for key, value in own["summary"].items():
+            assert value == data["summary"][key], (stem, key)
     bad = subprocess.run([sys.executable, "-m", "toy.course", "--batch", "30", "--out", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--group-size" in bad.stderr
+
+
+def test_an_experiment_run_alone_reproduces_its_part_of_the_course(fast_run, tmp_path):
+    """``python -m toy course-fixes`` runs only the jobs it needs (one training per seed, not seven) and
+    writes course_fixes.json: the same file as the four experiments run together write, but for the timing."""
+    from toy.__main__ import main
+
+    _, _, together = fast_run
+    alone = main(["course-fixes", "--fast", "--no-progress", "--workers", "1", "--out", str(tmp_path)])["course-fixes"]
+    assert alone["figures"] == [str(tmp_path / "course_fixes.png")] and not (tmp_path / "course.json").exists()
+    data, joint = (json.loads((d / "course_fixes.json").read_text()) for d in (tmp_path, together))
+    assert set(data) == {"config", "summary", "seeds", "clipping_runs"}
+    assert list(data["summary"]) == ["neg_reward", "clipping", "clipping_init"]
+    assert set(data["seeds"][0]) == {"seed", "curves"} and set(data["seeds"][0]["curves"]) == {"opd_sampled"}
+    for d in (data, joint):
+        del d["config"]["wall_time_s"], d["config"]["workers"]
+    assert data == joint
 
 
 def test_committed_results_are_the_defaults():
@@ -270,8 +305,8 @@ def test_the_toy_world_trains_the_hybrid_through_the_registry():
     assert torch.allclose(loss, ref)
 
 
-def test_readme_course_statements_match_the_committed_results():
-    """The README's number-free reading of toy/results/course.json, statement by statement."""
+def test_results_page_course_statements_match_the_committed_results():
+    """The number-free reading of toy/results/course.json on docs/results.md, statement by statement."""
     import json
     from pathlib import Path
 
@@ -279,7 +314,7 @@ def test_readme_course_statements_match_the_committed_results():
     result = json.loads((root / "toy" / "results" / "course.json").read_text())
     s, seeds = result["summary"], result["seeds"]
     t = s["table"]
-    assert "### 3. Diversity, the reward hybrid, cost and the practical fixes" in (root / "README.md").read_text()
+    assert "### 3. Diversity, the reward hybrid, cost and the practical fixes" in (root / "docs" / "results.md").read_text()
     # GRPO: the lowest entropy; pass@64 below the base model's on some seeds, not all
     assert t["grpo"]["entropy"][0] == min(v["entropy"][0] for k, v in t.items() if k != "base")
     assert 0 < t["grpo"]["below_base_at_max_k"] < len(seeds)

@@ -1,12 +1,12 @@
-"""Merging experts (python -m opd_mini.experts): the quick run's JSON, what it measured, the README block
-and bad input."""
+"""Merging experts (python -m opd_mini.experiments experts): the quick run's JSON, what it measured, the docs
+block and bad input."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from opd_mini import experts
+from opd_mini.experiments import experts, toolkit
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = (experts.REVERSE, experts.ADD)
@@ -14,7 +14,7 @@ TASKS = (experts.REVERSE, experts.ADD)
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``python -m opd_mini.experts --quick`` (3 seeds) into a temporary directory: (JSON, printed text, out)."""
+    """``python -m opd_mini.experiments experts --quick`` (3 seeds) into a temporary directory: (JSON, printed text, out)."""
     import contextlib
     import io
 
@@ -51,28 +51,34 @@ def test_quick_run_schema(quick):
                                      "two_teachers_within_0.05_of_single_on_its_task",
                                      "two_teachers_beat_sft_mixture_pass@1", "two_teachers_lower_kl_than_sft_mixture"}
     assert experts.table(result) in printed
-    block = experts.readme_section(result, "tutorials/results")
+    block = experts.docs_block(result, "tutorials/results")
     assert "tutorials/results/experts.json" in block and "tutorials/results/experts.png" in block
+    assert experts.docs_block(result, str(out)) + "\n" in printed
+    assert (out / "experts.md").read_text() == experts.docs_block(result, str(out)) + "\n"
+
+
+def _gap(low: list, high: list) -> float:
+    """Mean over seeds of high − low in units of its standard error. Paired: every method's runs of one seed share
+    that seed's evaluation prompts and sampling seeds, so the prompts' own spread cancels."""
+    m, sd = toolkit.mean_std([h - lo for lo, h in zip(low, high)])
+    return m / (sd / len(low) ** 0.5) if sd else (float("inf") if m > 0 else float("-inf"))
 
 
 def test_quick_run_measured_facts(quick):
-    """What the quick run measured (3 seeds, 16 steps; the student knows reversal well, addition weakly)."""
+    """What the quick run measured (3 seeds, 16 steps; the student knows reversal well, addition weakly), each fact
+    checked as a paired gap of at least two standard errors over seeds (measured gap in the comment). Sixteen steps
+    are too few for the single-teacher runs to move measurably on their own task; those claims are the full run's."""
     result, _, _ = quick
     by = {e["method"]: e for e in result["methods"]}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    two, start = by["opd_two_teachers"], result["start"]
-    # the two-teacher student beats each single-teacher run on the task that run did not train on
-    assert result["claims"]["two_teachers_beat_single_on_unseen_task"]["holds"]
-    # distilling addition alone erodes reversal: lower pass@1 than the two-teacher student, KL to the reversal
-    # expert above the start's; the two-teacher student keeps reversal while it learns addition
-    assert mean(by["opd_add_only"]["pass@1"][experts.REVERSE]) < mean(two["pass@1"][experts.REVERSE])
-    assert mean(by["opd_add_only"]["kl"][experts.REVERSE]) > mean(start["kl"][experts.REVERSE])
-    # each single-teacher run moves toward its own expert on its own task
-    for name, t in (("opd_reverse_only", experts.REVERSE), ("opd_add_only", experts.ADD)):
-        assert mean(by[name]["kl"][t]) < mean(start["kl"][t])
-    # the two-teacher student moves toward both experts at once
-    for t in TASKS:
-        assert mean(two["kl"][t]) < mean(start["kl"][t])
+    R, A = experts.REVERSE, experts.ADD
+    two, add_only, start = by["opd_two_teachers"], by["opd_add_only"], result["start"]
+    # distilling addition alone erodes reversal: below the two-teacher student's reversal (measured 4.0 standard
+    # errors), further from the reversal expert than at the start (3.2)
+    assert _gap(add_only["pass@1"][R], two["pass@1"][R]) > 2
+    assert _gap(start["kl"][R], add_only["kl"][R]) > 2
+    # the two-teacher student moves toward the addition expert (5.5) and keeps reversal (above the start: 2.1)
+    assert _gap(two["kl"][A], start["kl"][A]) > 2
+    assert _gap(start["pass@1"][R], two["pass@1"][R]) > -2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -81,6 +87,7 @@ def test_quick_run_measured_facts(quick):
     (["--seeds", "-1"], "--seeds needs distinct integers"),
     (["--methods", "opd_two_teachers,magic"], "--methods must name some of"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--workers", "0"], "--workers must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
     assert experts.main([*argv, "--quick", "--out", str(tmp_path)]) == 2
@@ -89,9 +96,8 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
     assert not (tmp_path / "experts.json").exists()
 
 
-def test_readme_experts_block_matches_the_committed_results():
+def test_docs_experts_block_matches_the_committed_results():
     result = json.loads((ROOT / "tutorials" / "results" / "experts.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- experts:start -->\n", 1)[1].split("\n<!-- experts:end -->", 1)[0]
-    assert block == experts.readme_section(result)
+    block = toolkit.read_block(ROOT / "docs" / "results.md", "experts")
+    assert block == experts.docs_block(result, "../tutorials/results")
     assert len(result["seeds"]) >= 3 and result["scale"] == "full"

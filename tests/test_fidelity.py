@@ -1,19 +1,23 @@
-"""Teacher fidelity (python -m opd_mini.fidelity): the measures against brute force, the rendering check's
-errors, and the command's quick run."""
+"""Teacher fidelity (python -m opd_mini.experiments fidelity): the measures against brute force, the rendering
+check's errors, the command's quick run and the docs block."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd_mini import fidelity
-from opd_mini.sampler import sample
+from opd_mini.batch import Batch
+from opd_mini.experiments import fidelity, toolkit
+from opd_mini.experiments.worlds import ensure_setting
 from opd_mini.models import check_rendering
-from opd_mini.teacher import TeacherSignal, score
+from opd_mini.sampler import sample
+from opd_mini.teacher import score
 from opd_mini.tiny import build_char_tokenizer
-from opd_mini.worlds import ensure_setting
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["3>7=", "8>2=", "0>5=", "6>1="]
 
@@ -63,9 +67,9 @@ def test_compare_signals_on_a_hand_made_pair_equals_brute_force():
     ids = torch.tensor([[0, 2, 1]])
     mask = torch.tensor([[True, True, False]])
 
-    def signal(logp):
-        return TeacherSignal(sampled_logp=logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), topk_ids=None, topk_logp=None,
-                             entropy=torch.zeros(1, 3), full_logp=logp)
+    def signal(logp):  # the batch as opd_mini.teacher.score(..., full=True) returns it
+        return Batch(tokens_BT=ids, mask_BT=mask, teacher_logp_BT=logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1),
+                     teacher_logp_BTV=logp)
 
     out = fidelity.compare_signals(signal(p), signal(q), mask)
     kls = [_brute_kl(p[0, t], q[0, t]) for t in (0, 1)]
@@ -83,9 +87,9 @@ def test_a_model_against_itself_is_exactly_zero_and_agrees_everywhere(world, rol
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"]).eval()
     V = len(tokenizer)
     out = fidelity.compare_signals(score(teacher, rollouts, vocab_size=V, full=True),
-                                   score(teacher, rollouts, vocab_size=V, full=True), rollouts.completion_mask)
+                                   score(teacher, rollouts, vocab_size=V, full=True), rollouts.mask_BT)
     assert out["kl"] == 0.0 and out["kl_max"] == 0.0 and out["top1_agreement"] == 1.0 and out["mean_abs_dlogq"] == 0.0
-    assert out["tokens"] == rollouts.num_tokens
+    assert out["tokens"] == rollouts.num_masked
     # two loads of the same weights through compare_teachers: the reference row and the copy are both exact
     res = fidelity.compare_teachers(paths["teacher"], student, tokenizer, PROMPTS, versions=("none", "none"), seed=0)
     assert res["versions"]["none"]["kl"] == 0.0 and res["versions"]["none"]["top1_agreement"] == 1.0
@@ -164,7 +168,7 @@ def test_rendering_check_names_a_different_vocabulary(world, rollouts, tmp_path)
         check_rendering(tokenizer, swapped, rollouts, use_chat_template="auto")
     text = _one_line(e)
     # the first row's first completion token is a move, which the swapped vocabulary reads as the other move
-    first = tokenizer.convert_ids_to_tokens(int(rollouts.completion_ids[0, 0]))
+    first = tokenizer.convert_ids_to_tokens(int(rollouts.tokens_BT[0, 0]))
     other = {"R": "L", "L": "R"}[first]
     assert first in ("R", "L")
     assert (f"row 0, position {rollouts.prompt_len} (completion token 0) holds '{first}'" in text
@@ -196,13 +200,13 @@ def test_quick_command_writes_the_json_the_figure_and_the_table(tmp_path, capsys
     assert result["opd"]["none"]["delta_pass@1"] == [0.0]
     printed = capsys.readouterr().out
     assert fidelity.table(result) in printed and "| 4-bit (NF4) |" in printed
-    block = fidelity.readme_section(result, "tutorials/results")
+    block = fidelity.docs_block(result, "tutorials/results")
     assert "fidelity.json" in block and "tutorials/results/fidelity.png" in block
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
-    (["--seeds", "1,1"], "--seeds needs distinct seeds"),
+    (["--seeds", "1,1"], "--seeds needs distinct integers"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--workers", "0"], "--workers must be >= 1"),
 ])
@@ -213,12 +217,8 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
     assert not (tmp_path / "fidelity.json").exists()
 
 
-def test_readme_fidelity_block_matches_the_committed_results():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    result = json.loads((root / "tutorials" / "results" / "fidelity.json").read_text())
-    readme = (root / "README.md").read_text()
-    block = readme.split("<!-- fidelity:start -->\n", 1)[1].split("\n<!-- fidelity:end -->", 1)[0]
-    assert block == fidelity.readme_section(result)
+def test_docs_fidelity_block_matches_the_committed_results():
+    result = json.loads((ROOT / "tutorials" / "results" / "fidelity.json").read_text())
+    block = toolkit.read_block(ROOT / "docs" / "results.md", "fidelity")
+    assert block == fidelity.docs_block(result, "../tutorials/results")
     assert len(result["seeds"]) >= 3

@@ -480,7 +480,7 @@ def test_jsd_half_is_the_symmetric_js_divergence():
     p = [math.exp(v) / sum(math.exp(u) for u in zs) for v in zs]
     m = [(a + b) / 2 for a, b in zip(p, q)]
     js = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m))
-    loss, _ = L.generalized_jsd(z, lq, torch.ones(1, 1), beta=0.5)
+    loss, _ = L.generalized_jsd(z, lq, torch.ones(1, 1, dtype=torch.bool), beta=0.5)
     assert_close(loss, js, "JSD(0.5) vs hand-written JS divergence", atol=1e-6, rtol=1e-5)
     assert js <= math.log(2), "JS divergence is bounded by log 2"
 
@@ -544,7 +544,7 @@ def test_sampled_token_single_step_expectation_is_exact_kl_gradient(gamma):
         total = torch.zeros(())
         for c in range(C):
             for y in range(V):
-                loss, _ = L.reverse_kl_sampled_token(logp[c, y].view(1, 1), lq[c, y].view(1, 1), torch.ones(1, 1),
+                loss, _ = L.reverse_kl_sampled_token(logp[c, y].view(1, 1), lq[c, y].view(1, 1), torch.ones(1, 1, dtype=torch.bool),
                                                      gamma=gamma)
                 total = total + logp[c, y].detach().exp() * loss
         return total
@@ -613,7 +613,7 @@ def test_sampled_token_gamma1_is_unbiased_for_sequence_kl_and_gamma0_is_not():
     is biased: on these tables its expected gradient is off by ~0.1 (max |∇| ≈ 0.23); asserted > 1e-2.
     """
     student, teacher, rows, toks = _tabular_setup()
-    ones = torch.ones(1, T_TAB)
+    ones = torch.ones(1, T_TAB, dtype=torch.bool)
 
     def estimator(gamma):
         return lambda table: _tabular_expected_estimator(
@@ -632,7 +632,7 @@ def test_sampled_token_gamma0_is_unbiased_for_per_prefix_reverse_kl():
     """γ = 0 is the on-policy estimate of Σ_t ∇ KL(π(·|c_t) ‖ q(·|c_t)) with the prefix distribution held
     fixed, i.e. the expected gradient of reverse_kl_full on the student's own prefixes (atol 1e-5)."""
     student, teacher, rows, toks = _tabular_setup()
-    ones = torch.ones(1, T_TAB)
+    ones = torch.ones(1, T_TAB, dtype=torch.bool)
     est = lambda table: _tabular_expected_estimator(  # noqa: E731
         table, teacher, rows, toks,
         lambda logp, i, s, t: L.reverse_kl_sampled_token(s, t, ones, gamma=0.0, num_tokens=T_TAB)[0])
@@ -907,7 +907,7 @@ def test_per_token_inputs_with_extra_trailing_dims_are_rejected():
             problems.append(f"{what} raised {type(exc).__name__}: {exc}")
             continue
         problems.append(f"{what} was accepted and returned loss {out[0].item():.4f}")
-    assert not problems, ("BUG (opd_mini/losses.py, _check_bt compares only shape[:2], so per-token inputs with "
+    assert not problems, ("BUG (opd_mini/tensors.py, check_bt compares only shape[:2], so per-token inputs with "
                           "extra trailing dims broadcast silently):\n  " + "\n  ".join(problems))
 
 
@@ -959,10 +959,21 @@ def test_mix_advantages_matches_loop():
         assert_close(L.mix_advantages(opd, rew, w), want, f"mix_advantages(w={w})", atol=1e-6, rtol=1e-6)
 
 
+def test_masks_must_be_boolean_and_token_ids_integers():
+    """A float mask of weights (0.5) would be read as True; float ids would be truncated: both refused, in one line."""
+    logits, teacher = torch.randn(2, 3, 5), torch.log_softmax(torch.randn(2, 3, 5), -1)
+    with pytest.raises(ValueError, match="mask_BT must be a boolean tensor, got torch.float32"):
+        L.reverse_kl_full(logits, teacher, torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="tokens_BT must hold integer token ids, got torch.float32"):
+        L.token_logprobs(logits, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="teacher_topk_ids_BTK must hold integer token ids"):
+        L.reverse_kl_topk(logits, torch.zeros(2, 3, 2), torch.zeros(2, 3, 2), torch.ones(2, 3, dtype=torch.bool))
+
+
 def test_mask_special_tokens_matches_loop():
     """Positions whose token is special are dropped; already-masked positions stay masked; empty list is a no-op."""
     tokens = torch.tensor([[5, 0, 7, 2], [1, 2, 2, 9]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
     special = [2, 7]
     want = [[bool(mask[b, t]) and int(tokens[b, t]) not in special for t in range(4)] for b in range(2)]
     got = L.mask_special_tokens(mask, tokens, special)
@@ -982,3 +993,29 @@ def test_token_logprobs_matches_log_softmax_gather():
     got16 = L.token_logprobs(z16, d["tokens"])
     assert got16.dtype == torch.float32
     assert_close(got16, L.token_logprobs(z16.float(), d["tokens"]), "token_logprobs bf16", atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind, beta", [("reverse", 0.5), ("forward", 0.5), ("jsd", 0.3), ("jsd", 0.9)])
+def test_the_fused_divergence_equals_the_plain_formula_under_autograd(kind, beta):
+    """opd_mini.divergences writes each gradient out (and keeps only the logits for the backward pass); values and
+    gradients equal autograd of the plain formula, with masked positions holding garbage that must not leak."""
+    from opd_mini.divergences import divergence, reference
+
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(3, 4, 9, generator=g, dtype=torch.float64) * 2
+    logq = torch.log_softmax(torch.randn(3, 4, 9, generator=g, dtype=torch.float64) * 3, -1)
+    logq[0, 0, :4] = -math.inf  # tokens the teacher forbids
+    mask = torch.rand(3, 4, generator=g) > 0.25
+    z_masked = torch.where(mask[..., None], z, torch.full_like(z, math.nan))
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    floor = -100.0 if kind == "reverse" else None
+    grads = []
+    for fn in (divergence, reference):
+        x = z_masked.clone().requires_grad_()
+        values = fn(x, logq, mask, kind, beta, floor)
+        (torch.where(mask, values, 0.0) * w).sum().backward()
+        grads.append((values[mask], x.grad))
+    (v_fused, g_fused), (v_ref, g_ref) = grads
+    torch.testing.assert_close(v_fused, v_ref, rtol=1e-5, atol=1e-6)  # both compute in float32
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(g_fused).all() and (g_fused[~mask] == 0).all()

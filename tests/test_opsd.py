@@ -21,14 +21,14 @@ def test_the_teacher_reads_the_same_completion_tokens_behind_its_own_prompt(tiny
     r = sample(tiny_model, char_tokenizer, prompts, num_generations=2, max_new_tokens=5, seed=3)
     privileged = ["12> (the answer is 21)", "345> (the answer is 543)"]
     seen = with_prompts(r, char_tokenizer, privileged, use_chat_template="auto")
-    assert torch.equal(seen.completion_ids, r.completion_ids) and torch.equal(seen.completion_mask, r.completion_mask)
+    assert torch.equal(seen.tokens_BT, r.tokens_BT) and torch.equal(seen.mask_BT, r.mask_BT)
     assert seen.prompt_len > r.prompt_len
     V = len(char_tokenizer)
-    got = score(tiny_model, seen, vocab_size=V).sampled_logp
-    for b in range(r.completion_ids.shape[0]):
-        prompt_ids = char_tokenizer(privileged[int(r.prompt_index[b])])["input_ids"]
-        n = int(r.completion_mask[b].sum())
-        completion = r.completion_ids[b, :n].tolist()
+    got = score(tiny_model, seen, vocab_size=V).teacher_logp_BT
+    for b in range(r.tokens_BT.shape[0]):
+        prompt_ids = char_tokenizer(privileged[int(r.prompt_index_B[b])])["input_ids"]
+        n = int(r.mask_BT[b].sum())
+        completion = r.tokens_BT[b, :n].tolist()
         with torch.no_grad():
             logits = tiny_model(torch.tensor([prompt_ids + completion])).logits[0].float()
         logp = torch.log_softmax(logits[:, :V], -1)
@@ -37,18 +37,20 @@ def test_the_teacher_reads_the_same_completion_tokens_behind_its_own_prompt(tiny
         assert (got[b, n:] == 0).all()
     # the student's own prompt as the template gives exactly the signal without one
     same = with_prompts(r, char_tokenizer, prompts, use_chat_template="auto")
-    assert torch.equal(same.input_ids, r.input_ids) and torch.equal(same.attention_mask, r.attention_mask)
+    assert torch.equal(same.input_ids_BL, r.input_ids_BL) and torch.equal(same.attention_mask_BL, r.attention_mask_BL)
 
 
 def test_opsd_with_a_lora_student_scores_its_base_behind_the_privileged_prompt(tiny_student_dir, tmp_path, monkeypatch):
+    from opd_mini import rollouts as rollouts_mod
+
     seen_prompts = []
-    real = train_mod.teacher_signal
+    real = rollouts_mod.score
 
-    def spy(cfg, m, rollouts, kind, teacher):
-        seen_prompts.extend(rollouts.prompt_texts)
-        return real(cfg, m, rollouts, kind, teacher)
+    def spy(model, batch, *, view=None, **kwargs):
+        seen_prompts.extend((view or batch).prompt_texts)
+        return real(model, batch, view=view, **kwargs)
 
-    monkeypatch.setattr(train_mod, "teacher_signal", spy)
+    monkeypatch.setattr(rollouts_mod, "score", spy)
     plain, opsd = tmp_path / "plain", tmp_path / "opsd"
     common = dict(lora="true", task="reverse:3", eval_every=1)
     assert main(loop_args(tiny_student_dir, "self", plain, **common)) == 0
@@ -77,13 +79,13 @@ def test_bad_templates_are_one_line_and_exit_code_2(template, message, tiny_stud
 def test_lmbda_picks_per_step_who_samples_and_is_a_function_of_seed_and_step(tiny_model_dir, tiny_student_dir,
                                                                            tmp_path, monkeypatch):
     who = []
-    real = train_mod.make_rollouts
+    real = train_mod.micro_batch_pieces
 
-    def spy(cfg, m, spec, prompts, seed, teacher):
-        who.append(spec.rollouts)
-        return real(cfg, m, spec, prompts, seed, teacher)
+    def spy(*args, by_teacher, **kwargs):
+        who.append("teacher" if by_teacher else "student")
+        return real(*args, by_teacher=by_teacher, **kwargs)
 
-    monkeypatch.setattr(train_mod, "make_rollouts", spy)
+    monkeypatch.setattr(train_mod, "micro_batch_pieces", spy)
     out = tmp_path / "gkd0"
     assert main(loop_args(tiny_student_dir, tiny_model_dir, out, loss="jsd", lmbda=0.0, steps=3)) == 0
     rows = [r for r in read_log(out) if "optim/grad_norm" in r]

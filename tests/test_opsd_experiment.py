@@ -1,5 +1,5 @@
-"""OPSD against OPD against SFT (python -m opd_mini.opsd): the quick run's schema, the measures against brute
-force, what the quick run measures, the committed results against the README, and bad input."""
+"""OPSD against OPD against SFT (python -m opd_mini.experiments opsd): the quick run's schema, the measures against
+brute force, what the quick run measures, the committed results against the docs, and bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_mini import opsd
+from opd_mini.experiments import opsd, toolkit
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "tutorials" / "results" / "opsd.json"
@@ -25,6 +25,7 @@ def quick(tmp_path_factory):
 def test_quick_run_writes_the_schema_and_the_figure(quick):
     result, out = quick
     assert (out / "opsd.png").stat().st_size > 0
+    assert (out / "opsd.md").read_text() == opsd.docs_block(result, str(out)) + "\n"
     assert [e["method"] for e in result["methods"]] == list(opsd.METHODS)
     assert result["seeds"] == [0, 1, 2] and result["kinds"] == ["answer", "eos", "other"]
     T = result["run"]["max_new_tokens"]
@@ -106,7 +107,7 @@ def test_measure_against_the_model_itself_gives_zero_log_ratio(tiny_model, char_
     groups = [r.completions[i * opsd.SAMPLES:(i + 1) * opsd.SAMPLES] for i in range(4)]
     assert m["diversity"] == pytest.approx(sum(len(set(x)) for x in groups) / 4)
     assert m["pass@1"] == pytest.approx(sum(task.reward(c, examples[i]) for i, x in enumerate(groups) for c in x) / 32)
-    assert sum(m["by_position"]["count"]) == int(r.completion_mask.sum())
+    assert sum(m["by_position"]["count"]) == int(r.mask_BT.sum())
     assert m["entropy"] > 0
 
 
@@ -134,15 +135,14 @@ def test_what_the_quick_run_measures(quick):
         assert share[eos] > 2 * count[eos] / sum(count)
 
 
-def test_committed_results_match_the_readme():
+def test_committed_results_match_the_docs():
     result = json.loads(COMMITTED.read_text())
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- opsd:start -->\n", 1)[1].split("\n<!-- opsd:end -->", 1)[0]
-    assert block == opsd.readme_section(result)
+    block = toolkit.read_block(ROOT / "docs" / "results.md", "opsd")
+    assert block == opsd.docs_block(result, "../tutorials/results")
     assert result["scale"] == "full" and len(result["seeds"]) >= 3
     assert [e["method"] for e in result["methods"]] == list(opsd.METHODS)
     assert (ROOT / "tutorials" / "results" / "opsd.png").stat().st_size > 0
-    from opd_mini.worlds import get_setting
+    from opd_mini.experiments.worlds import get_setting
 
     assert get_setting(opsd.SETTING).student.p == 0.8  # the block says "four fifths of its prompts privileged"
 

@@ -110,7 +110,7 @@ def test_resume_refuses_what_cannot_change_and_loses_nothing(pair, tmp_path, cap
     out = tmp_path / "run"
     assert main(loop_args(pair["student"], pair["teacher"], out, steps=2)) == 0
     before = (out / "metrics.jsonl").read_text()
-    for change in (dict(lora="true"), dict(student=pair["teacher"]), dict(dtype="bfloat16")):
+    for change in (dict(lora="true"), dict(student=pair["teacher"]), dict(dtype="auto")):
         values = {"student": pair["student"], "teacher": pair["teacher"], **change}
         assert main(loop_args(values.pop("student"), values.pop("teacher"), out, steps=3, resume="true", **values)) == 2
         line = first_error_line(capsys.readouterr().err)
@@ -294,7 +294,7 @@ def test_a_damaged_metrics_log_is_named_on_resume(pair, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["-m", "opd_mini.ablate", "--seeds", "a,b"], "--seeds must be comma-separated integers"),
-    (["-m", "opd_mini.demo", "--steps", "0"], "steps=0 is out of range"),
+    (["-m", "opd_mini.experiments", "demo", "--steps", "0"], "steps=0 is out of range"),
     (["-m", "opd_mini.tiny", "--task", "bogus"], "unknown task 'bogus'"),
     (["-m", "opd_mini.train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["benchmarks/bench_step.py", "--vocab", "1"], "--vocab must be >= 2"),
@@ -312,3 +312,202 @@ def test_entry_points_end_bad_input_in_one_line(argv, expected, tmp_path):
     proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and expected in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing lost: a new run never writes over an earlier one
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_new_run_into_an_earlier_runs_out_dir_is_refused_unless_overwrite_which_keeps_it(pair, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=1)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2)) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert "holds an earlier run" in line and "--resume true" in line and "--overwrite true" in line
+    assert (out / "metrics.jsonl").read_text() == before
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, overwrite="true")) == 0
+    moved = list((out / "replaced").iterdir())
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == before
+    assert (moved[0] / "checkpoints" / "step_000001").is_dir() and max(r["step"] for r in read_log(out)) == 2
+    assert "moved to" in capsys.readouterr().err
+
+
+def test_resume_with_no_checkpoint_to_continue_from_touches_nothing(pair, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=1)) == 0
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")  # the log of a run whose checkpoints are gone
+    before = (out / "metrics.jsonl").read_text()
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, resume="true")) == 2
+    assert "no checkpoint to continue from" in first_error_line(capsys.readouterr().err)
+    assert (out / "metrics.jsonl").read_text() == before
+    # a fresh directory with --resume simply starts
+    assert main(loop_args(pair["student"], pair["teacher"], tmp_path / "fresh", steps=1, resume="true")) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(out_dir=" "), "out_dir='' is not allowed"),
+    (dict(lr=2.0), "lr=2.0 is out of range; it must be > 0 and < 1"),
+    (dict(lr="inf"), "lr=inf is not allowed"),
+    (dict(temperature=1e-40), "temperature=1e-40 is out of range; it must be >= 0.01"),
+    (dict(task="reverse:3*inf+add:1"), "must be a number in (0, 1e+06]"),
+    (dict(task="reverse:3*100+add:1"), "gets none of the 4 prompts of a step"),
+    (dict(resume="true", overwrite="true"), "contradict each other"),
+    (dict(loss="jsd", loss_args="beta=0.0"), "use --beta 0.0"),
+    (dict(teacher_sample_pool=8), "would never be used"),
+])
+def test_settings_that_would_not_do_what_they_say_are_refused_before_anything_is_written(flags, message, pair,
+                                                                                      tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = {"out_dir": str(out), **flags}
+    argv = loop_args(pair["student"], pair["teacher"], Path(flags.pop("out_dir")), **flags)
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_yaml_teacher_map_with_an_empty_teacher_names_the_task(pair, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task: reverse:3+add:1\nteachers:\n  reverse:3: {pair['teacher']}\n  add:1:\n")
+    assert main(["--config", str(config), *loop_args(pair["student"], "tiny", tmp_path / "run")]) == 2
+    assert "the task add:1 has an empty teacher" in first_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------
+# input the tokenizer or the loader cannot read
+# ---------------------------------------------------------------------------------------------
+
+
+def test_characters_outside_the_char_tokenizer_name_the_file_line_and_character(pair, tmp_path, capsys):
+    data = tmp_path / "words.jsonl"
+    data.write_text(json.dumps({"prompt": "ab>", "answer": "ba"}) + "\n"
+                    + json.dumps({"prompt": "café>", "answer": "éfac"}, ensure_ascii=False) + "\n")
+    assert main(loop_args(pair["student"], pair["teacher"], tmp_path / "run", task=f"jsonl:{data}")) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert f"{data}, line 2" in line and "'é' (U+00E9)" in line and "unknown token" in line
+
+
+def test_a_directory_that_is_not_a_model_names_what_it_lacks(pair, tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hello")
+    assert main(loop_args(str(empty), pair["teacher"], tmp_path / "a")) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert str(empty) in line and "no config.json" in line
+    assert main(loop_args(pair["student"], pair["teacher"], tmp_path / "b", tokenizer=str(empty))) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert str(empty) in line and "tokenizer.json" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# plugins, Ctrl-C, a slow death, quiet by default
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_plugin_that_fails_to_import_or_returns_a_non_scalar_loss_is_one_line(pair, tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def oops(:\n")
+    assert main([*loop_args(pair["student"], pair["teacher"], tmp_path / "a"), "--loss_plugins", str(broken)]) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert str(broken) in line and "line 1" in line and "SyntaxError" in line
+    vector = tmp_path / "vector_loss.py"
+    vector.write_text("from opd_mini import registry\n\n"
+                      "@registry.register('per_token', kind='token', signal='sampled')\n"
+                      "def per_token(logp_BT, batch, opts):\n    return -logp_BT, {}\n")
+    assert main([*loop_args(pair["student"], pair["teacher"], tmp_path / "b"), "--loss_plugins", str(vector),
+                 "--loss", "per_token"]) == 2
+    line = first_error_line(capsys.readouterr().err)
+    assert "'per_token'" in line and "not a scalar tensor" in line
+
+
+def test_a_plugin_that_replaces_a_built_in_loss_says_so_and_the_summary_records_it(pair, tmp_path, capsys):
+    from opd_mini import registry
+
+    original = registry.LOSS_REGISTRY["sft"]
+    plugin = tmp_path / "my_sft.py"
+    plugin.write_text("from opd_mini import losses, registry\n\n"
+                      "@registry.register('sft', kind='token', signal=None, rollouts='teacher', replace=True)\n"
+                      "def my_sft(logp_BT, batch, opts):\n"
+                      "    return losses.sft_cross_entropy(logp_BT, batch.mask_BT, num_tokens=batch.num_tokens)\n")
+    try:
+        out = tmp_path / "run"
+        assert main([*loop_args(pair["student"], pair["teacher"], out), "--loss_plugins", str(plugin), "--loss",
+                     "sft"]) == 0
+        assert "registered over the built-in opd_mini.registry._sft" in capsys.readouterr().err
+        ran = json.loads((out / "summary.json").read_text())["ran"]["loss"]
+        assert ran["function"].endswith("my_sft") and ran["file"] == str(plugin.resolve())
+        assert ran["replaced"] == "opd_mini.registry._sft"
+    finally:
+        registry.LOSS_REGISTRY["sft"] = original
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command_and_exits_130(pair, tmp_path):
+    out = tmp_path / "run"
+    argv = loop_args(pair["student"], pair["teacher"], out, steps=400, save_every=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "opd_mini.train", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*")) if out.exists() else True:
+        time.sleep(0.2)
+        if time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err[-1500:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the newest checkpoint is") and "--resume true" in last
+    assert "Traceback" not in err
+    assert main(loop_args(pair["student"], pair["teacher"], out, steps=2, save_every=1, resume="true")) == 0
+
+
+def test_a_slow_death_is_reported_as_a_warning():
+    from opd_mini.guards import SLOW_DEATH_STEPS, slow_death
+
+    healthy = [1.0] * SLOW_DEATH_STEPS + [0.9] * SLOW_DEATH_STEPS
+    assert slow_death(healthy, [0.5 - 0.01 * i for i in range(2 * SLOW_DEATH_STEPS)]) is None
+    dead = [1.0] * SLOW_DEATH_STEPS + [1e-6] * SLOW_DEATH_STEPS
+    message = slow_death(dead, [2.5] * (2 * SLOW_DEATH_STEPS))
+    assert message and "stopped learning" in message and "2.5" in message
+    assert slow_death(dead, [2.5 - 0.1 * i for i in range(2 * SLOW_DEATH_STEPS)]) is None  # the loss still moves
+
+
+def test_a_slow_death_warns_through_the_loop(pair, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from opd_mini import registry
+
+    spec = registry.LOSS_REGISTRY["reverse_kl_sampled"]
+    calls = {"n": 0}
+
+    def fades(logp_BT, batch, opts):  # the gradient vanishes after step 10 while the loss stays at 1
+        calls["n"] += 1
+        loss, metrics = spec.fn(logp_BT, batch, opts)
+        scale = 1.0 if calls["n"] <= 10 else 1e-7
+        flat = loss * scale - (loss * scale).detach() + 1.0  # value 1, gradient scale · d(loss)
+        return flat, {**metrics, "loss/total": flat.detach()}
+
+    monkeypatch.setitem(registry.LOSS_REGISTRY, "reverse_kl_sampled", dataclasses.replace(spec, fn=fades))
+    assert main(loop_args(pair["student"], pair["teacher"], tmp_path / "run", steps=21, divergence_factor=0)) == 0
+    assert "warning: step" in capsys.readouterr().err
+
+
+def test_library_notices_are_filtered_unless_asked_for():
+    import logging
+
+    import opd_mini  # noqa: F401  (sets the filters)
+
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() >= logging.ERROR
+
+
+def test_samplers_refuse_a_distribution_that_is_not_one(tiny_model, char_tokenizer):
+    from opd_mini.sampler import NotADistributionError, sample
+
+    with torch.no_grad():
+        tiny_model.lm_head.weight.fill_(float("nan"))
+    for method in ("generate", "decode"):
+        with pytest.raises(NotADistributionError, match="not finite"):
+            sample(tiny_model, char_tokenizer, ["12>"], max_new_tokens=3, method=method, seed=0)

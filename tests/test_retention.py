@@ -1,5 +1,5 @@
-"""Retention and recovery on a transformer (python -m opd_mini.forgetting, parts 1 and 3): the quick run's
-results, their consistency, the committed results against the README, and bad input."""
+"""Retention and recovery on a transformer (python -m opd_mini.experiments retention): the quick run's results,
+their consistency, the committed results against the docs, and bad input."""
 
 from __future__ import annotations
 
@@ -8,22 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from opd_mini import forgetting
+from opd_mini.experiments import retention, toolkit
 
 ROOT = Path(__file__).resolve().parents[1]
+#: measured together with the self-distillation part (then parts 1 and 3 of one experiment)
 COMMITTED = ROOT / "tutorials" / "results" / "forgetting.json"
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("retention")
-    assert forgetting.main(["--quick", "--parts", "retention,recovery", "--out", str(out), "--no-progress"]) == 0
-    return json.loads((out / "forgetting.json").read_text()), out
+    assert retention.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    return json.loads((out / "retention.json").read_text()), out
 
 
 def test_quick_run_writes_the_issue_schema_and_figures(quick):
     result, out = quick
     assert (out / "retention.png").stat().st_size > 0 and (out / "recovery.png").stat().st_size > 0
+    text = (out / "retention.md").read_text()
+    assert text.startswith("Retention on a transformer") and "\n\nRecovery (" in text
     for e in result["retention"]:
         assert e["method"].startswith(("sft", "grpo", "opd"))
         assert e["seeds"] == [0, 1, 2]
@@ -38,15 +41,20 @@ def test_quick_run_writes_the_issue_schema_and_figures(quick):
 def test_every_run_starts_at_pi0_and_the_kl_measures_how_far_it_went(quick):
     result, _ = quick
     setup = result["retention_setup"]
-    assert setup["A_start"] >= forgetting.MIN_A > setup["B_start"]
+    assert setup["A_start"] >= retention.MIN_A > setup["B_start"]
     for e in result["retention"]:
         # a fresh LoRA adapter is zero: the student is π₀ exactly, so the KL to π₀ is exactly 0 at step 0
         assert all(k[0] == 0.0 for k in e["kl_A_curves"]), e["method"]
         assert all(k[-1] > 0.0 for k in e["kl_A_curves"]), e["method"]
         assert len({c[0] for c in e["A_curves"]}) >= 1 and e["A_before"] == pytest.approx(
             sum(e["A_before_per_seed"]) / 3)
-    # across every evaluation of every run, the drop of A tracks KL(π₀ ‖ π) on A's prompts (measured 0.95)
+    # across every evaluation of every run, the drop of A tracks KL(π₀ ‖ π) on A's prompts (measured 0.94)
     assert result["retention_correlation"]["every_eval"]["spearman"] > 0.5
+    # the quick budget is long enough to learn some B: every seed reaches matched B (measured: B 0.16-0.19 at step
+    # 40 against a matched B of 0.15, 0.23-0.26 at step 60) and loses A on the way (A 0.95 -> 0.14-0.56)
+    for e in result["retention"]:
+        assert None not in e["A_at_matched_B"], e["method"]
+        assert all(a < b for a, b in zip(e["A_final"], e["A_before_per_seed"])), e["method"]
 
 
 def test_recovery_starts_exactly_where_b_left_a_and_gets_a_back(quick):
@@ -60,16 +68,18 @@ def test_recovery_starts_exactly_where_b_left_a_and_gets_a_back(quick):
         assert all(a > b for a, b in zip(e["A_recovered"], e["A_after_B_per_seed"])), e["variant"]
 
 
-def test_readme_retention_and_recovery_blocks_match_the_committed_results():
+def test_docs_retention_and_recovery_blocks_match_the_committed_results():
     result = json.loads(COMMITTED.read_text())
-    readme = (ROOT / "README.md").read_text()
-    for name, section in (("retention", forgetting.retention_section), ("recovery", forgetting.recovery_section)):
-        block = readme.split(f"<!-- {name}:start -->\n", 1)[1].split(f"\n<!-- {name}:end -->", 1)[0]
-        assert block == section(result), name
+    assert toolkit.committed(retention) == result
+    blocks = toolkit.blocks(retention, result, "../tutorials/results")
+    assert list(blocks) == ["retention", "recovery"]
+    for name, section in (("retention", retention.docs_block), ("recovery", retention.recovery_block)):
+        assert toolkit.read_block(ROOT / "docs" / "results.md", name) == section(result, "../tutorials/results") \
+            == blocks[name], name
     assert result["scale"] == "full" and len(result["seeds"]) >= 3
     # the reading under the blocks, statement by statement
     by = {e["method"]: e for e in result["retention"]}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = toolkit.mean
     final_A = {m: mean(e["A_final"]) for m, e in by.items()}
     at_matched = {m: [a for a in e["A_at_matched_B"] if a is not None] for m, e in by.items()}
     opd = [m for m in by if m.startswith("opd")]
@@ -108,7 +118,7 @@ def _one_error_line(capsys) -> str:
 
 def test_a_retention_task_the_student_does_not_know_is_refused(tmp_path, capsys):
     argv = ["--quick", "--parts", "retention", "--retention_task", "add:3", "--out", str(tmp_path), "--no-progress"]
-    assert forgetting.main(argv) == 2
+    assert retention.main(argv) == 2
     assert "has not learned the retention task add:3" in _one_error_line(capsys)
     assert not (tmp_path / "runs").exists()
 
@@ -120,25 +130,29 @@ def test_a_recovery_teacher_that_does_not_match_the_student_is_refused(tmp_path,
     other.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
     other.save_pretrained(tmp_path / "teacher")
     argv = ["--quick", "--recovery_teacher", str(tmp_path / "teacher"), "--out", str(tmp_path), "--no-progress"]
-    assert forgetting.main(argv) == 2
+    assert retention.main(argv) == 2
     assert "does not match the student" in _one_error_line(capsys)
-    assert forgetting.main([*argv[:2], str(tmp_path / "missing"), *argv[3:]]) == 2
+    assert retention.main([*argv[:2], str(tmp_path / "missing"), *argv[3:]]) == 2
     assert "is not a directory" in _one_error_line(capsys)
 
 
 def test_a_budget_too_small_for_matched_b_writes_not_reached_and_exits_2(tmp_path, capsys):
-    argv = ["--quick", "--parts", "retention", "--methods", "grpo", "--seeds", "0,1,2", "--steps", "1",
+    argv = ["--quick", "--parts", "retention", "--methods", "grpo", "--seeds", "0", "--steps", "1", "--workers", "1",
             "--out", str(tmp_path), "--no-progress"]
-    assert forgetting.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    assert retention.main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and "no run reached the matched B success" in err[0] and "raise --steps" in err[0]
-    result = json.loads((tmp_path / "forgetting.json").read_text())  # the results are written first
-    assert result["retention"][0]["A_at_matched_B"] == [None, None, None]
+    result = json.loads((tmp_path / "retention.json").read_text())  # the results are written first
+    assert result["parts"] == ["retention"] and "recovery" not in result
+    assert result["retention"][0]["A_at_matched_B"] == [None]
+    assert "| grpo | not reached (0/1) | not reached (0/1) |" in captured.out
+    assert (tmp_path / "retention.png").exists() and not (tmp_path / "recovery.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [(["--parts", "recovery"], "needs retention too"),
                                            (["--parts", "nothing"], "--parts must name"),
                                            (["--methods", "opd_full", "--parts", "retention,recovery"], "add sft")])
 def test_bad_parts_and_methods_are_one_line(argv, message, tmp_path, capsys):
-    assert forgetting.main([*argv, "--out", str(tmp_path)]) == 2
+    assert retention.main([*argv, "--out", str(tmp_path)]) == 2
     assert message in _one_error_line(capsys)

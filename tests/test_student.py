@@ -16,8 +16,8 @@ def _sft_steps(model, rollouts, steps: int, lr: float = 1e-2) -> list[float]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
-        logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.completion_ids)
-        loss, _ = sft_cross_entropy(logp_BT, rollouts.completion_mask)
+        logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.tokens_BT)
+        loss, _ = sft_cross_entropy(logp_BT, rollouts.mask_BT)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -78,10 +78,10 @@ def test_full_fine_tuning_student(tiny_model_dir, char_tokenizer, tmp_path):
 
 def test_completion_logits_match_a_plain_forward(tiny_model, char_tokenizer):
     r = sample(tiny_model, char_tokenizer, ["12>", "4071>"], num_generations=2, max_new_tokens=5, seed=0)
-    P, T = r.prompt_len, r.completion_ids.shape[1]
+    P, T = r.prompt_len, r.tokens_BT.shape[1]
     with torch.no_grad():
         logits_BTV = completion_logits(tiny_model, r)
-        full = tiny_model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=r.position_ids()).logits
+        full = tiny_model(input_ids=r.input_ids_BL, attention_mask=r.attention_mask_BL, position_ids=r.position_ids_BL()).logits
         assert torch.allclose(logits_BTV, full[:, P - 1:P + T - 1], atol=1e-5)
         assert completion_logits(tiny_model, r, vocab_size=50).shape == (4, T, 50)
         hidden_BTH, lm_head = completion_hidden(tiny_model, r)
@@ -98,7 +98,7 @@ def test_gradients_flow_through_completion_logits_with_checkpointing(tiny_model_
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert lora_grads and all(g is not None for g in lora_grads)
     r = sample(model, char_tokenizer, ["12>"], max_new_tokens=3, seed=0)  # generation still works
-    assert r.completion_ids.shape == (1, 3)
+    assert r.tokens_BT.shape == (1, 3)
 
 
 def test_qlora_student_takes_a_step(tiny_model_dir, char_tokenizer):
@@ -144,7 +144,6 @@ def test_fused_full_vocabulary_path_equals_the_reference(loss, tiny_model_dir, t
     """Teacher hidden states projected chunk by chunk inside the loss give the reference path's loss, metrics
     and gradients, and no (B, T, V) tensor of either model is ever created."""
     from opd_mini import registry
-    from opd_mini.rollouts import MicroBatch
     from opd_mini.student import loss_and_backward
     from opd_mini.teacher import load_teacher, score
 
@@ -154,20 +153,16 @@ def test_fused_full_vocabulary_path_equals_the_reference(loss, tiny_model_dir, t
     spec = registry.get_loss(loss)
     rollouts = sample(load_student(tiny_student_dir, lora=False), char_tokenizer, PROMPTS, num_generations=2,
                       max_new_tokens=7, seed=0)
-    T = rollouts.completion_ids.shape[1]
+    T = rollouts.tokens_BT.shape[1]
     assert T >= 6
 
     def run(fused: bool):
         student = load_student(tiny_student_dir, lora=False)
-        signal = score(teacher, rollouts, vocab_size=V, full=not fused, keep_hidden=fused, chunk_size=3)
-        inputs = registry.LossBatch(tokens_BT=rollouts.completion_ids, mask_BT=rollouts.completion_mask,
-                                    num_tokens=rollouts.num_tokens, teacher_logp_BT=signal.sampled_logp,
-                                    teacher_logp_BTV=signal.full_logp,
-                                    teacher_logp_fn=signal.full_logp_chunk if fused else None)
+        scored = score(teacher, rollouts, vocab_size=V, full=not fused, keep_hidden=fused, chunk_size=3)
+        batch = scored.replace(num_tokens=rollouts.num_masked)
         probe = _LargestVocabTensor(V)
         with probe.mode:
-            metrics = loss_and_backward(student, MicroBatch(rollouts, inputs), spec, opts, vocab_size=V,
-                                        chunk_size=2 if fused else 0)
+            metrics = loss_and_backward(student, batch, spec, opts, vocab_size=V, chunk_size=2 if fused else 0)
         grads = {n: p.grad.clone() for n, p in student.named_parameters()}
         return metrics.result(), grads, probe.max_positions
 

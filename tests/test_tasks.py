@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from opd_mini.tasks import Example, ListTask, exact_match, get_task
+from opd_mini.tasks import Example, ListTask, exact_match, get_task, load_hf_dataset
 
 
 def test_reverse_task_examples_and_reward():
@@ -117,7 +117,7 @@ def test_hf_task_with_configurable_columns(monkeypatch):
         return FakeDataset([{"question": "1+1=", "solution": 2}, {"question": "2+2=", "solution": 4}])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    task = get_task("hf:someone/arith:test", prompt_column="question", answer_column="solution")
+    task = load_hf_dataset("someone/arith", "test", prompt_column="question", answer_column="solution")
     assert calls == [("someone/arith", None, "test")]
     assert sorted(task.examples(2, seed=0), key=lambda e: e.prompt) == [Example("1+1=", "2"), Example("2+2=", "4")]
     with pytest.raises(ValueError, match="no column 'prompt'.*question"):

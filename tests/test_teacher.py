@@ -11,7 +11,6 @@ from opd_mini.sampler import sample
 from opd_mini.student import load_student
 from opd_mini.tasks import get_task
 from opd_mini.teacher import (
-    TeacherSignal,
     load_teacher,
     quantization_config,
     score,
@@ -29,41 +28,41 @@ def rollouts(tiny_model, char_tokenizer):
 
 def _reference_logp(model, r, vocab_size):
     """Unchunked reference: one plain forward, full log-softmax over the trimmed vocabulary, (B, T, V)."""
-    P, T = r.prompt_len, r.completion_ids.shape[1]
+    P, T = r.prompt_len, r.tokens_BT.shape[1]
     with torch.no_grad():
-        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=r.position_ids()).logits
+        logits = model(input_ids=r.input_ids_BL, attention_mask=r.attention_mask_BL, position_ids=r.position_ids_BL()).logits
     return F.log_softmax(logits[:, P - 1:P + T - 1, :vocab_size].float(), dim=-1)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, "T", 1000])
 def test_chunked_scoring_equals_an_unchunked_reference(tiny_model, char_tokenizer, rollouts, chunk):
     V, K = len(char_tokenizer), 5
-    T = rollouts.completion_ids.shape[1]
+    T = rollouts.tokens_BT.shape[1]
     sig = score(tiny_model, rollouts, vocab_size=V, top_k=K, full=True, chunk_size=T if chunk == "T" else chunk)
     logq_BTV = _reference_logp(tiny_model, rollouts, V)
-    m = rollouts.completion_mask
-    assert isinstance(sig, TeacherSignal) and sig.sampled_logp.shape == m.shape
-    picked = logq_BTV.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(sig.sampled_logp[m], picked[m], atol=1e-5)
-    assert (sig.sampled_logp[~m] == 0).all() and (sig.entropy[~m] == 0).all()
+    m = rollouts.mask_BT
+    assert sig.teacher_logp_BT.shape == m.shape and sig.tokens_BT is rollouts.tokens_BT
+    picked = logq_BTV.gather(-1, rollouts.tokens_BT.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(sig.teacher_logp_BT[m], picked[m], atol=1e-5)
+    assert (sig.teacher_logp_BT[~m] == 0).all() and (sig.teacher_entropy_BT[~m] == 0).all()
     entropy = -(logq_BTV.exp() * logq_BTV).sum(-1)
-    assert torch.allclose(sig.entropy[m], entropy[m], atol=1e-5)
+    assert torch.allclose(sig.teacher_entropy_BT[m], entropy[m], atol=1e-5)
     top_logp, top_ids = logq_BTV.topk(K, dim=-1)
-    assert sig.topk_ids.shape == sig.topk_logp.shape == (*m.shape, K)
-    assert torch.equal(sig.topk_ids, top_ids) and torch.allclose(sig.topk_logp, top_logp, atol=1e-5)
-    assert torch.allclose(sig.full_logp, logq_BTV, atol=1e-5)
+    assert sig.teacher_topk_ids_BTK.shape == sig.teacher_topk_logp_BTK.shape == (*m.shape, K)
+    assert torch.equal(sig.teacher_topk_ids_BTK, top_ids) and torch.allclose(sig.teacher_topk_logp_BTK, top_logp, atol=1e-5)
+    assert torch.allclose(sig.teacher_logp_BTV, logq_BTV, atol=1e-5)
 
 
 def test_scoring_keeps_only_what_is_asked(tiny_model, char_tokenizer, rollouts):
     sig = score(tiny_model, rollouts, vocab_size=len(char_tokenizer))
-    assert sig.topk_ids is None and sig.topk_logp is None and sig.full_logp is None
+    assert sig.teacher_topk_ids_BTK is None and sig.teacher_topk_logp_BTK is None and sig.teacher_logp_BTV is None
     sig = score(tiny_model, rollouts, vocab_size=60, top_k=60)  # trimmed vocabulary, K = V
-    assert sig.topk_logp.shape[-1] == 60
-    assert torch.allclose(sig.topk_logp.exp().sum(-1), torch.ones(sig.topk_logp.shape[:2]))
+    assert sig.teacher_topk_logp_BTK.shape[-1] == 60
+    assert torch.allclose(sig.teacher_topk_logp_BTK.exp().sum(-1), torch.ones(sig.teacher_topk_logp_BTK.shape[:2]))
     with pytest.raises(ValueError, match="top_k"):
         score(tiny_model, rollouts, vocab_size=60, top_k=61)
     with pytest.raises(ValueError, match="chunk_size"):
-        score(tiny_model, rollouts, vocab_size=60, chunk_size=0)
+        score(tiny_model, rollouts, vocab_size=60, chunk_size=-1)
     with pytest.raises(ValueError, match="disable_adapter"):
         score(tiny_model, rollouts, vocab_size=60, disable_adapter=True)
 
@@ -78,11 +77,11 @@ def test_self_distillation_scores_the_base_with_the_adapter_disabled(tiny_model_
     V = len(char_tokenizer)
     as_base = score(student, rollouts, vocab_size=V, top_k=4, disable_adapter=True)
     reference = score(base, rollouts, vocab_size=V, top_k=4)
-    assert torch.allclose(as_base.sampled_logp, reference.sampled_logp, atol=1e-6)
-    assert torch.equal(as_base.topk_ids, reference.topk_ids)
-    assert torch.allclose(as_base.entropy, reference.entropy, atol=1e-6)
+    assert torch.allclose(as_base.teacher_logp_BT, reference.teacher_logp_BT, atol=1e-6)
+    assert torch.equal(as_base.teacher_topk_ids_BTK, reference.teacher_topk_ids_BTK)
+    assert torch.allclose(as_base.teacher_entropy_BT, reference.teacher_entropy_BT, atol=1e-6)
     with_adapter = score(student, rollouts, vocab_size=V)
-    assert not torch.allclose(with_adapter.sampled_logp, reference.sampled_logp, atol=1e-3)
+    assert not torch.allclose(with_adapter.teacher_logp_BT, reference.teacher_logp_BT, atol=1e-3)
     assert student.training  # the mode is restored
     assert teacher_is_student_base(student, tiny_model_dir)
     assert not teacher_is_student_base(student, "some/other-model")
@@ -105,7 +104,7 @@ def test_quantized_teacher_scores_close_to_full_precision(tiny_pair, quantizatio
     student = AutoModelForCausalLM.from_pretrained(tiny_pair["student"])
     examples = get_task(tiny_pair["task"]).examples(64, seed=3)
     r = sample(student, tokenizer, [e.prompt for e in examples], max_new_tokens=7, seed=0)
-    V, m = len(tokenizer), r.completion_mask
+    V, m = len(tokenizer), r.mask_BT
     reference = score(load_teacher(tiny_pair["teacher"]), r, vocab_size=V, top_k=4, full=True)
 
     teacher = load_teacher(tiny_pair["teacher"], quantization=quantization)
@@ -113,11 +112,11 @@ def test_quantized_teacher_scores_close_to_full_precision(tiny_pair, quantizatio
     assert type(layer).__name__ == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[quantization]
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     sig = score(teacher, r, vocab_size=V, top_k=4, full=True, chunk_size=3)
-    mean_abs = (sig.sampled_logp - reference.sampled_logp).abs()[m].mean()
-    kl_BT = (reference.full_logp.exp() * (reference.full_logp - sig.full_logp)).sum(-1)  # KL(q_fp32 ‖ q_quant)
+    mean_abs = (sig.teacher_logp_BT - reference.teacher_logp_BT).abs()[m].mean()
+    kl_BT = (reference.teacher_logp_BTV.exp() * (reference.teacher_logp_BTV - sig.teacher_logp_BTV)).sum(-1)  # KL(q_fp32 ‖ q_quant)
     assert mean_abs < max_mean_abs, mean_abs
     assert kl_BT[m].mean() < max_mean_kl, kl_BT[m].mean()
-    assert (sig.topk_ids[..., 0] == reference.topk_ids[..., 0])[m].float().mean() > 0.98
+    assert (sig.teacher_topk_ids_BTK[..., 0] == reference.teacher_topk_ids_BTK[..., 0])[m].float().mean() > 0.98
 
 
 def test_quantization_errors_say_why_and_what_to_do(monkeypatch):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from opd_mini import losses
+from toy import policies
+from toy.policies import categorical, frozen_table
 from toy.world import (
     LowRankPolicy,
     MLPPolicy,
@@ -26,8 +28,6 @@ from toy.world import (
 )
 
 KINDS = ["table", "lowrank", "mlp"]
-
-
 
 
 @pytest.fixture
@@ -77,6 +77,13 @@ def test_logits_are_causal_and_state_logits_agree(world, kind):
     assert la.shape == (32, world.T, world.V)
     torch.testing.assert_close(la[:, :3], lb[:, :3])  # position t sees tokens < t only
     torch.testing.assert_close(pi.state_logits(), Policy.state_logits(pi))  # override = generic route
+    # the no-grad routes read the same logits: every state at once, one position at a time, a frozen table
+    torch.testing.assert_close(pi.state_table(), Policy.state_logits(pi).detach(), rtol=0, atol=1e-6)
+    for t in range(world.T):
+        torch.testing.assert_close(pi.next_logits(prompts_B, a_BT, t), la[:, t], rtol=0, atol=1e-6)
+    table = frozen_table(pi)
+    assert isinstance(table, TablePolicy) and not any(p.requires_grad for p in table.parameters())
+    torch.testing.assert_close(table.logits(prompts_B, a_BT), la.detach(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -90,6 +97,31 @@ def test_sampling_frequencies_match_exact_probabilities(world, kind):
     p_N = sequence_distribution(pi, prompts=[2])[0].double().detach()
     z = (freq_N - p_N) / (p_N * (1 - p_N) / n).sqrt()
     assert z.abs().max() < 4.5, z.abs().max()  # 81 cells, each |z| < 4.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_reads_the_state_table_or_one_position_at_a_time_alike(world, kind, monkeypatch):
+    """Both routes of ``sample`` (a state table walked along the prefix index, or one position's logits at a
+    time) draw the same tokens from the same generator."""
+    pi = student(world, kind)
+    prompts_B = torch.randint(world.P, (64,), generator=torch.Generator().manual_seed(4))
+    drawn = []
+    for rows in (10 ** 9, 0):  # every policy reads its table; only table-like policies do
+        monkeypatch.setattr(policies, "TABLE_ROWS_PER_SAMPLE", rows)
+        drawn.append(sample(pi, prompts_B, torch.Generator().manual_seed(9)))
+    assert torch.equal(*drawn)
+
+
+def test_categorical_is_the_exponential_race_torch_multinomial_runs():
+    g = torch.Generator().manual_seed(0)
+    probs_BV = torch.softmax(3 * torch.randn(500, 5, generator=g), -1)
+    probs_BV[0] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])
+    ours = categorical(probs_BV, torch.Generator().manual_seed(1))
+    theirs = torch.multinomial(probs_BV, 1, generator=torch.Generator().manual_seed(1)).squeeze(-1)
+    assert torch.equal(ours, theirs) and ours[0] == 2
+    counts = torch.bincount(categorical(probs_BV[1:2].expand(40_000, 5), g), minlength=5).double() / 40_000
+    p = probs_BV[1].double()
+    assert ((counts - p).abs() / (p * (1 - p) / 40_000).sqrt().clamp(min=1e-12)).max() < 4.5
 
 
 @pytest.mark.parametrize("kind", KINDS)

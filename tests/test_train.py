@@ -92,7 +92,9 @@ def test_kill_and_resume_matches_uninterrupted_run(model_paths, tmp_path, monkey
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(base_args(model_paths, straight, **opts)) == 0
 
-    real_save = train_mod.save_checkpoint
+    from opd_mini import runs
+
+    real_save = runs.save_checkpoint
 
     def save_then_die(out_dir, *args, **kwargs):
         path = real_save(out_dir, *args, **kwargs)
@@ -102,10 +104,10 @@ def test_kill_and_resume_matches_uninterrupted_run(model_paths, tmp_path, monkey
             raise Killed
         return path
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         main(base_args(model_paths, resumed, **opts))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
     assert main(base_args(model_paths, resumed, **opts, resume="true")) == 0
 
     a, b = trainable_state(straight), trainable_state(resumed)
@@ -120,7 +122,10 @@ def test_kill_and_resume_matches_uninterrupted_run(model_paths, tmp_path, monkey
                 assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
 
 
-def test_non_finite_loss_stops_with_diagnostic_and_keeps_last_checkpoint(model_paths, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_with_diagnostic_and_names_the_checkpoint_known_good(model_paths, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A NaN at step 3 comes from the weights of step 2: that checkpoint is kept but not called good; the message
+    names step 1's, the newest whose next step passed the checks."""
     calls = {"n": 0}
     spec = registry.LOSS_REGISTRY["reverse_kl_sampled"]
 
@@ -133,10 +138,11 @@ def test_non_finite_loss_stops_with_diagnostic_and_keeps_last_checkpoint(model_p
     out = tmp_path / "nan"
     assert main(base_args(model_paths, out, steps=5, save_every=1)) == 3
     err = capsys.readouterr().err
-    assert "step 3" in err and "loss/total=nan" in err and "--lr" in err and "step_000002" in err
-    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_000002"]
-    state = torch.load(out / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+    assert "step 3" in err and "loss/total=nan" in err and "--lr" in err
+    assert "checkpoint known good is" in err and "step_000001" in err and "step_000002" not in err
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000001", "step_000002"]
+    state = torch.load(out / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["trainable"].values())
     assert max(r["step"] for r in read_log(out)) == 2
 
 

@@ -43,17 +43,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from opd_mini import losses, registry
+from opd_mini.batch import Batch
 from toy import report
-from toy.cli import check, experiment_commands
-from toy.world import ENUM_BATCH, TablePolicy, World, can_enumerate, sample, sequence_kl
+from toy.cli import Job, Timing, check, experiment_commands, run_experiment, torch_threads
+from toy.exact import sequence_kl
+from toy.policies import TablePolicy, sample
+from toy.world import ENUM_BATCH, World, can_enumerate
 
+NAME = "bias-variance"
 ESTIMATORS = ("sampled_token", "full", "topk")
 #: The estimators' names → the registered losses that compute them; any other registered loss name is
 #: measured as it is (``Config.extra_losses``), on the same sequence scale.
@@ -160,7 +164,7 @@ def per_sequence_gradients(student: TablePolicy, teacher: TablePolicy, prompts_N
     logits_NTV = student.logits(prompts_N, tokens_NT).detach().requires_grad_(True)
     with torch.no_grad():
         teacher_logits_NTV = teacher.logits(prompts_N, tokens_NT).float()
-    batch = registry.LossBatch.from_teacher_logits(tokens_NT, teacher_logits_NTV, signal=registry.get_loss(name).signal,
+    batch = Batch.from_teacher_logits(tokens_NT, teacher_logits_NTV, signal=registry.get_loss(name).signal,
                                                    top_k=topk, num_tokens=T)
     opts = registry.LossOptions(gamma=0.0 if gamma is None else gamma, top_k=topk, add_sampled_token=False)
     loss, _ = registry.compute_loss(name, logits_NTV, batch, opts)
@@ -254,76 +258,108 @@ def make_pair(cfg: Config, T: int) -> tuple[TablePolicy, TablePolicy]:
     return _nested_table(w, cfg.teacher_scale, 2 * cfg.seed), _nested_table(w, cfg.student_scale, 2 * cfg.seed + 1)
 
 
-def measure_estimators(cfg: Config, progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Rows for the γ family ("estimators") and for the distribution-level losses ("other_estimators")."""
+def horizon_rows(cfg: Config, T: int) -> tuple[list[dict], list[dict]]:
+    """The rows of horizon T: one per γ ("estimators") and one per distribution-level loss ("other")."""
     specs = [("sampled_token", g) for g in cfg.gammas] + [(name, None) for name in ("full", "topk", *cfg.extra_losses)]
-    rows, other = [], []
-    for T in tqdm(cfg.Ts, desc="horizons", disable=not progress):
+    threads = torch_threads(cfg.threads)
+    try:
         teacher, student = make_pair(cfg, T)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher.requires_grad_(False)
         grad = exact_gradient(student, teacher).double()
         method = "exact" if can_enumerate(student.world, limit=cfg.enum_limit) else "mc"
         gen = torch.Generator().manual_seed(cfg.seed + 1000 + T)
         moments = estimator_moments(student, teacher, specs, topk=cfg.topk, method=method,
-                                    num_samples=cfg.mc_samples, generator=gen, progress=progress)
-        for (name, gamma), m in moments.items():
-            err2 = float((m["mean_PSV"] - grad).pow(2).sum())
-            if method == "mc":  # remove the mean's own sampling noise E‖ḡ − E g‖² = variance / M
-                err2 = max(err2 - m["variance"] / m["num"], 0.0)
-            row = {"T": T, "bias_norm": math.sqrt(err2), "variance": m["variance"],
-                   "exact_grad_norm": float(grad.norm()), "method": method}
-            if name == "sampled_token":
-                rows.append({"gamma": gamma, **row})
-            else:
-                other.append({"estimator": f"top{cfg.topk}" if name == "topk" else name, **row})
+                                    num_samples=cfg.mc_samples, generator=gen)
+    finally:
+        torch_threads(threads)
+    rows, other = [], []
+    for (name, gamma), m in moments.items():
+        err2 = float((m["mean_PSV"] - grad).pow(2).sum())
+        if method == "mc":  # remove the mean's own sampling noise E‖ḡ − E g‖² = variance / M
+            err2 = max(err2 - m["variance"] / m["num"], 0.0)
+        row = {"T": T, "bias_norm": math.sqrt(err2), "variance": m["variance"],
+               "exact_grad_norm": float(grad.norm()), "method": method}
+        if name == "sampled_token":
+            rows.append({"gamma": gamma, **row})
+        else:
+            other.append({"estimator": f"top{cfg.topk}" if name == "topk" else name, **row})
     return rows, other
 
 
-def train_curves(cfg: Config, progress: bool = True) -> list[dict]:
-    """Train a copy of the initial student with each γ and record the exact sequence KL(π‖q)."""
+def measure_estimators(cfg: Config, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Rows for the γ family ("estimators") and for the distribution-level losses ("other_estimators"),
+    every horizon of ``cfg.Ts`` in turn (:func:`horizon_rows`)."""
+    rows, other = [], []
+    for T in tqdm(cfg.Ts, desc="horizons", disable=not progress):
+        r, o = horizon_rows(cfg, T)
+        rows += r
+        other += o
+    return rows, other
+
+
+def train_runs(cfg: Config, lr: float, gamma: float) -> list[dict]:
+    """Train copies of the initial student with one γ at one learning rate, one run per sampling seed, and
+    record the exact sequence KL(π‖q) every ``eval_every`` steps."""
     teacher, student0 = make_pair(cfg, cfg.train_T)
     w = student0.world
     mask_BT = torch.ones(cfg.batch_size, w.T, dtype=torch.bool)
+    opts = registry.LossOptions(gamma=gamma)
+    with torch.no_grad():  # log q(v|s) at every state: the teacher's log-prob of any sampled token is a lookup
+        teacher_logp_PSV = teacher.table_PSV - torch.logsumexp(teacher.table_PSV, -1, keepdim=True)
     records = []
-    runs = [(lr, g, s) for lr in cfg.lrs for g in cfg.gammas for s in range(cfg.train_seeds)]
-    for lr, gamma, seed in tqdm(runs, desc=f"training T={w.T}", disable=not progress):
-        student = TablePolicy(w, student0.table_PSV.data)
-        opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)(student.parameters(), lr=lr)
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        for step in range(cfg.train_steps + 1):
-            if step % cfg.eval_every == 0 or step == cfg.train_steps:
-                with torch.no_grad():
-                    kl = float(sequence_kl(student, teacher, method="dp"))
-                records.append({"gamma": gamma, "seed": seed, "step": step, "exact_kl": kl, "lr": lr})
-            if step == cfg.train_steps:
-                break
-            prompts_B = torch.randint(w.P, (cfg.batch_size,), generator=gen)
-            tokens_BT = sample(student, prompts_B, gen)
-            with torch.no_grad():
-                teacher_logp_BT = losses.token_logprobs(teacher.logits(prompts_B, tokens_BT), tokens_BT)
-            batch = registry.LossBatch(tokens_BT=tokens_BT, mask_BT=mask_BT, teacher_logp_BT=teacher_logp_BT)
-            loss, _ = registry.compute_loss("reverse_kl_sampled", student.logits(prompts_B, tokens_BT), batch,
-                                            registry.LossOptions(gamma=gamma))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    threads = torch_threads(cfg.threads)
+    try:
+        for seed in range(cfg.train_seeds):
+            student = TablePolicy(w, student0.table_PSV.data)
+            opt = (torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.Adam)(student.parameters(), lr=lr)
+            gen = torch.Generator().manual_seed(10_000 + seed)
+            for step in range(cfg.train_steps + 1):
+                if step % cfg.eval_every == 0 or step == cfg.train_steps:
+                    with torch.no_grad():
+                        kl = float(sequence_kl(student, teacher, method="dp"))
+                    records.append({"gamma": gamma, "seed": seed, "step": step, "exact_kl": kl, "lr": lr})
+                if step == cfg.train_steps:
+                    break
+                prompts_B = torch.randint(w.P, (cfg.batch_size,), generator=gen)
+                tokens_BT = sample(student, prompts_B, gen)
+                states_BT = w.state_index(tokens_BT)
+                prompts_B1 = prompts_B.unsqueeze(1)
+                batch = Batch(tokens_BT=tokens_BT, mask_BT=mask_BT,
+                              teacher_logp_BT=teacher_logp_PSV[prompts_B1, states_BT, tokens_BT])
+                loss, _ = registry.compute_loss("reverse_kl_sampled", student.table_PSV[prompts_B1, states_BT], batch,
+                                                opts)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch_threads(threads)
     return records
 
 
-def run(cfg: Config, out: str, progress: bool = True) -> dict:
-    """Run the whole reproduction, write ``out/bias_variance.json`` and ``out/bias_variance.png``."""
-    start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        rows, other = measure_estimators(cfg, progress)
-        records = train_curves(cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
-    wall = time.perf_counter() - start
+def train_curves(cfg: Config, progress: bool = True) -> list[dict]:
+    """Train a copy of the initial student with each γ at each learning rate (:func:`train_runs`) and record
+    the exact sequence KL(π‖q)."""
+    runs = [(lr, g) for lr in cfg.lrs for g in cfg.gammas]
+    return [r for lr, g in tqdm(runs, desc=f"training T={cfg.train_T}", disable=not progress)
+            for r in train_runs(cfg, lr, g)]
 
+
+def jobs(cfg: Config) -> list[Job]:
+    """One job per horizon and one per (learning rate, γ) training (its seeds)."""
+    return ([Job(f"bias-variance/T={T}", horizon_rows, (cfg, T), cost=2e-5 * min(cfg.P * cfg.V ** T, cfg.mc_samples))
+             for T in cfg.Ts]
+            + [Job(f"bias-variance/train/lr={lr}/gamma={g}", train_runs, (cfg, lr, g),
+                   cost=cfg.train_seeds * cfg.train_steps * cfg.train_T / 4000) for lr in cfg.lrs for g in cfg.gammas])
+
+
+def finish(cfg: Config, results: dict, out: str, timing: Timing) -> dict:
+    """Print the tables, save ``out/bias_variance.png`` and write ``out/bias_variance.json`` from the results
+    of :func:`jobs` (``timing``: how they ran)."""
+    os.makedirs(out, exist_ok=True)
+    wall = timing.wall(NAME)
+    rows = [r for T in cfg.Ts for r in results[f"bias-variance/T={T}"][0]]
+    other = [r for T in cfg.Ts for r in results[f"bias-variance/T={T}"][1]]
+    records = [r for lr in cfg.lrs for g in cfg.gammas for r in results[f"bias-variance/train/lr={lr}/gamma={g}"]]
     report.print_bias_variance(rows, other, cfg)
     report.print_training(records, cfg)
     fig_path = os.path.join(out, "bias_variance.png")
@@ -339,6 +375,12 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
         json.dump({**result, "other_estimators": other}, f, indent=1)
     print(f"\nwrote {os.path.join(out, 'bias_variance.json')} and {fig_path}; wall time {wall:.1f} s")
     return {**result, "other_estimators": other, "figures": [fig_path]}
+
+
+def run(cfg: Config, out: str, progress: bool = True, workers: int | None = None) -> dict:
+    """Run the whole reproduction (its jobs in ``workers`` processes, default one per core), write
+    ``out/bias_variance.json`` and ``out/bias_variance.png``."""
+    return run_experiment(sys.modules[__name__], cfg, out, progress, workers)
 
 
 # --------------------------------------------------------------------------------------------

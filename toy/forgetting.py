@@ -68,22 +68,24 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from opd_mini.stats import json_safe, pearson, spearman
 from toy import report
-from toy.cli import check, experiment_commands
-from toy.exact import all_sequence_logprobs, correct_table, entropy_from_logprobs, kl_from_logprobs, sequence_ids
+from toy.cli import Job, Timing, check, experiment_commands, run_experiment
+from toy.exact import (all_sequence_logprobs, correct_table, entropy_from_logprobs, kl_from_logprobs, sequence_ids,
+                       table_logprobs)
 from toy.forgetting_world import (METHOD_LOSSES, Setup, build_setup, evaluate, expected_gradient,
                                   gradient_check, loss_from_logits, make_multi_answer_task,
                                   make_multi_answer_teacher, make_optimizer, method_loss, method_spec,
                                   optimizer_step, per_sequence_gradients, perturbed_copy, random_prompts,
                                   trainable_copy)
-from toy.stats import json_safe, mean as _mean, pearson, spearman
-from toy.world import copy_policy, sample
+from toy.policies import copy_policy, frozen_table, sample
+from toy.report import continual_summary, summarise_self_distill
 
 __all__ = [  # the experiments, and the pieces of the other toy modules that notebooks and tests reach through here
     "Config", "SELF_DISTILL_METHODS", "NEW_TASK_METHODS", "ON_POLICY", "run_self_distill", "run_continual",
@@ -95,8 +97,11 @@ __all__ = [  # the experiments, and the pieces of the other toy modules that not
     "spearman", "pearson", "json_safe",
 ]
 
+NAME = "forgetting"
 SELF_DISTILL_METHODS = ("sft_fresh", "sft_fixed", "opd_sampled", "opd_full")
 NEW_TASK_METHODS = ("sft", "grpo", "opd_sampled", "opd_full", "opd_topk", "forward_kl", "jsd")
+#: how the continual-learning lineages learn B
+CONTINUAL_LEARN = ("sft", "sft_replay")
 #: methods whose loss is computed on the student's own samples (all but SFT)
 ON_POLICY = ("grpo", "opd_sampled", "opd_full", "opd_topk", "forward_kl", "jsd")
 
@@ -217,42 +222,48 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-def run_self_distill(cfg: Config, setup: Setup, progress: bool = True) -> list[dict]:
-    """Train copies of π₀ on task A with π₀ as the teacher; rows of exact KL(π₀‖π) and success_A.
+def self_distill_runs(setup: Setup, cfg: Config, method: str, lr: float) -> list[dict]:
+    """Train copies of π₀ on task A with π₀ as the teacher, by one method at one learning rate (each
+    schedule, each seed); rows of exact KL(π₀‖π) and success_A.
 
     Seed s uses the same sampling generator for every (method, lr, schedule) (common random numbers).
     """
     prompts_A = setup.task_A.prompts
-    runs = [(method, lr, schedule, seed)
-            for method in SELF_DISTILL_METHODS for lr in cfg.sd_lrs
-            for schedule in (("constant", "linear") if method.startswith("sft") else ("constant",))
-            for seed in range(cfg.sd_seeds)]
+    init = frozen_table(setup.init)  # π₀ as the teacher and the data, read by lookup
     rows = []
-    for method, lr, schedule, seed in tqdm(runs, desc="self-distillation", disable=not progress, leave=False):
-        student = trainable_copy(setup.init)
-        opt = make_optimizer(cfg.sd_optimizer, student, lr)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + 100 + seed)
-        if method == "sft_fixed":  # one finite data set of π₀'s samples, reused every step
-            fixed_prompts_M = random_prompts(prompts_A, cfg.sd_fixed_size, gen)
-            fixed_tokens_MT = sample(setup.init, fixed_prompts_M, gen)
-        for step in range(cfg.sd_steps + 1):
-            if step % cfg.sd_eval_every == 0 or step == cfg.sd_steps:
-                ev = evaluate(student, setup)
-                rows.append({"method": method, "lr": lr, "schedule": schedule, "seed": seed, "step": step,
-                             "kl_to_init": ev["kl_A"], "success": ev["success_A"]})
-            if step == cfg.sd_steps:
-                break
-            for group in opt.param_groups:  # linear decay: lr_t = lr · (1 − t / steps)
-                group["lr"] = lr * (1 - step / cfg.sd_steps) if schedule == "linear" else lr
-            if method == "sft_fixed":
-                idx_B = torch.randint(cfg.sd_fixed_size, (cfg.sd_batch,), generator=gen)
-                prompts_B, tokens_BT = fixed_prompts_M[idx_B], fixed_tokens_MT[idx_B]
-            else:
-                prompts_B = random_prompts(prompts_A, cfg.sd_batch, gen)
-                tokens_BT = sample(setup.init if method == "sft_fresh" else student, prompts_B, gen)
-            loss, _ = method_loss(method, student, setup.init, prompts_B, tokens_BT)
-            optimizer_step(opt, loss)
+    for schedule in ("constant", "linear") if method.startswith("sft") else ("constant",):
+        for seed in range(cfg.sd_seeds):
+            student = trainable_copy(setup.init)
+            opt = make_optimizer(cfg.sd_optimizer, student, lr)
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + 100 + seed)
+            if method == "sft_fixed":  # one finite data set of π₀'s samples, reused every step
+                fixed_prompts_M = random_prompts(prompts_A, cfg.sd_fixed_size, gen)
+                fixed_tokens_MT = sample(init, fixed_prompts_M, gen)
+            for step in range(cfg.sd_steps + 1):
+                if step % cfg.sd_eval_every == 0 or step == cfg.sd_steps:
+                    ev = evaluate(student, setup)
+                    rows.append({"method": method, "lr": lr, "schedule": schedule, "seed": seed, "step": step,
+                                 "kl_to_init": ev["kl_A"], "success": ev["success_A"]})
+                if step == cfg.sd_steps:
+                    break
+                for group in opt.param_groups:  # linear decay: lr_t = lr · (1 − t / steps)
+                    group["lr"] = lr * (1 - step / cfg.sd_steps) if schedule == "linear" else lr
+                if method == "sft_fixed":
+                    idx_B = torch.randint(cfg.sd_fixed_size, (cfg.sd_batch,), generator=gen)
+                    prompts_B, tokens_BT = fixed_prompts_M[idx_B], fixed_tokens_MT[idx_B]
+                else:
+                    prompts_B = random_prompts(prompts_A, cfg.sd_batch, gen)
+                    tokens_BT = sample(init if method == "sft_fresh" else student, prompts_B, gen)
+                loss, _ = method_loss(method, student, init, prompts_B, tokens_BT)
+                optimizer_step(opt, loss)
     return rows
+
+
+def run_self_distill(cfg: Config, setup: Setup, progress: bool = True) -> list[dict]:
+    """Every self-distillation run (:func:`self_distill_runs` for each method and learning rate)."""
+    runs = [(method, lr) for method in SELF_DISTILL_METHODS for lr in cfg.sd_lrs]
+    return [r for method, lr in tqdm(runs, desc="self-distillation", disable=not progress, leave=False)
+            for r in self_distill_runs(setup, cfg, method, lr)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +271,10 @@ def run_self_distill(cfg: Config, setup: Setup, progress: bool = True) -> list[d
 # --------------------------------------------------------------------------------------------
 
 
-def run_continual(cfg: Config, setup: Setup, progress: bool = True) -> list[dict]:
-    """Phase ``learn_B``: from π₀, learn B by SFT on teacher-B samples, pure (``sft``) or with a fraction
+def continual_runs(setup: Setup, cfg: Config, learn: str) -> list[dict]:
+    """One lineage of the continual-learning experiment (``learn``: ``sft`` or ``sft_replay``).
+
+    Phase ``learn_B``: from π₀, learn B by SFT on teacher-B samples, pure (``sft``) or with a fraction
     ``cl_replay_frac`` of each batch replaced by π₀'s own samples on A prompts (``sft_replay``).
     Phase ``recover_A``: from the end of phase 1 (checkpoint π_B), OPD with the earlier checkpoint π₀
     as the teacher on A prompts (``+opd_A``), or on A prompts with teacher π₀ and B prompts with teacher
@@ -269,6 +282,7 @@ def run_continual(cfg: Config, setup: Setup, progress: bool = True) -> list[dict
     experiment 1, and it pulls B back if it drifts). Steps count on across the two phases.
     """
     rows = []
+    init = frozen_table(setup.init)  # π₀ as the teacher and the replayed data, read by lookup
     n_replay = int(round(cfg.cl_replay_frac * cfg.batch))
     total = cfg.cl_steps + cfg.cl_recover_steps
 
@@ -277,49 +291,55 @@ def run_continual(cfg: Config, setup: Setup, progress: bool = True) -> list[dict
         rows.append({"phase": phase, "method": method, "step": step,
                      "success_A": ev["success_A"], "success_B": ev["success_B"]})
 
-    for learn in tqdm(("sft", "sft_replay"), desc="continual", disable=not progress, leave=False):
-        student = trainable_copy(setup.init)
-        opt = make_optimizer(cfg.optimizer, student, cfg.lr)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + 200)
-        for step in range(cfg.cl_steps + 1):
-            if step % cfg.eval_every == 0 or step == cfg.cl_steps:
-                record(student, "learn_B", learn, step)
-            if step == cfg.cl_steps:
-                break
-            n_b = cfg.batch - (n_replay if learn == "sft_replay" else 0)
-            prompts_B = random_prompts(setup.task_B.prompts, n_b, gen)
-            tokens_BT = sample(setup.teacher_B, prompts_B, gen)
-            if learn == "sft_replay":
-                replay_prompts = random_prompts(setup.task_A.prompts, n_replay, gen)
-                prompts_B = torch.cat([prompts_B, replay_prompts])
-                tokens_BT = torch.cat([tokens_BT, sample(setup.init, replay_prompts, gen)])
-            loss, _ = method_loss("sft", student, setup.teacher_B, prompts_B, tokens_BT)
-            optimizer_step(opt, loss)
+    student = trainable_copy(setup.init)
+    opt = make_optimizer(cfg.optimizer, student, cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 200)
+    for step in range(cfg.cl_steps + 1):
+        if step % cfg.eval_every == 0 or step == cfg.cl_steps:
+            record(student, "learn_B", learn, step)
+        if step == cfg.cl_steps:
+            break
+        n_b = cfg.batch - (n_replay if learn == "sft_replay" else 0)
+        prompts_B = random_prompts(setup.task_B.prompts, n_b, gen)
+        tokens_BT = sample(setup.teacher_B, prompts_B, gen)
+        if learn == "sft_replay":
+            replay_prompts = random_prompts(setup.task_A.prompts, n_replay, gen)
+            prompts_B = torch.cat([prompts_B, replay_prompts])
+            tokens_BT = torch.cat([tokens_BT, sample(init, replay_prompts, gen)])
+        loss, _ = method_loss("sft", student, setup.teacher_B, prompts_B, tokens_BT)
+        optimizer_step(opt, loss)
 
-        checkpoint_B = copy_policy(student)  # π_B, the teacher of B prompts in +opd_AB
-        for recover in ("opd_A", "opd_AB"):
-            method = f"{learn}+{recover}"
-            student = trainable_copy(checkpoint_B)
-            opt = make_optimizer(cfg.optimizer, student, cfg.lr)  # a fresh optimizer for the new phase
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + 250)
-            for step in range(cfg.cl_steps, total + 1):
-                if step % cfg.eval_every == 0 or step in (cfg.cl_steps, total):
-                    record(student, "recover_A", method, step)
-                if step == total:
-                    break
-                n_a = cfg.batch if recover == "opd_A" else cfg.batch // 2
-                parts = [(setup.task_A.prompts, n_a, setup.init), (setup.task_B.prompts, cfg.batch - n_a, checkpoint_B)]
-                loss = 0.0
-                for prompts, n, teacher in parts:  # per-token mean over the whole batch: num_tokens = batch · T
-                    if n == 0:
-                        continue
-                    prompts_B = random_prompts(prompts, n, gen)
-                    tokens_BT = sample(student, prompts_B, gen)
-                    part_loss, _ = method_loss("opd_sampled", student, teacher, prompts_B, tokens_BT,
-                                               num_tokens=cfg.batch * setup.world.T)
-                    loss = loss + part_loss
-                optimizer_step(opt, loss)
+    checkpoint_B = copy_policy(student)  # π_B, where the recovery starts, and the teacher of B prompts in +opd_AB
+    teacher_B = frozen_table(checkpoint_B)
+    for recover in ("opd_A", "opd_AB"):
+        method = f"{learn}+{recover}"
+        student = trainable_copy(checkpoint_B)
+        opt = make_optimizer(cfg.optimizer, student, cfg.lr)  # a fresh optimizer for the new phase
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + 250)
+        for step in range(cfg.cl_steps, total + 1):
+            if step % cfg.eval_every == 0 or step in (cfg.cl_steps, total):
+                record(student, "recover_A", method, step)
+            if step == total:
+                break
+            n_a = cfg.batch if recover == "opd_A" else cfg.batch // 2
+            parts = [(setup.task_A.prompts, n_a, init), (setup.task_B.prompts, cfg.batch - n_a, teacher_B)]
+            loss = 0.0
+            for prompts, n, teacher in parts:  # per-token mean over the whole batch: num_tokens = batch · T
+                if n == 0:
+                    continue
+                prompts_B = random_prompts(prompts, n, gen)
+                tokens_BT = sample(student, prompts_B, gen)
+                part_loss, _ = method_loss("opd_sampled", student, teacher, prompts_B, tokens_BT,
+                                           num_tokens=cfg.batch * setup.world.T)
+                loss = loss + part_loss
+            optimizer_step(opt, loss)
     return rows
+
+
+def run_continual(cfg: Config, setup: Setup, progress: bool = True) -> list[dict]:
+    """Both lineages of the continual-learning experiment (:func:`continual_runs`), ``sft`` then ``sft_replay``."""
+    return [r for learn in tqdm(CONTINUAL_LEARN, desc="continual", disable=not progress, leave=False)
+            for r in continual_runs(setup, cfg, learn)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,102 +347,95 @@ def run_continual(cfg: Config, setup: Setup, progress: bool = True) -> list[dict
 # --------------------------------------------------------------------------------------------
 
 
-def run_comparison(cfg: Config, setup: Setup, progress: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
-    """Learn B from π₀ with every method at ``batch`` samples per step (teacher samples for SFT).
+def comparison_run(setup: Setup, cfg: Config, method: str) -> tuple[dict, dict, list[dict]]:
+    """Learn B from π₀ with one method at ``batch`` samples per step (teacher samples for SFT).
 
     success_B is checked exactly after every step, so ``samples_to_target`` has a resolution of one
     batch; at that moment the retention of A and KL(π₀‖π) on B are also kept (``*_at_target``: the
-    comparison at matched new-task success that RL's Razor makes). Returns (table rows in the JSON
-    schema, per-method diagnostics, learning curves every ``eval_every`` steps).
+    comparison at matched new-task success that RL's Razor makes). Returns (the table row in the JSON
+    schema, the method's diagnostics, its learning curve every ``eval_every`` steps).
     """
     base = evaluate(setup.init, setup, cfg.pass_k)
-    table, details, curves = [], [], []
-    for method in tqdm(cfg.methods, desc="comparison", disable=not progress, leave=False):
-        student = trainable_copy(setup.init)
-        opt = make_optimizer(cfg.optimizer, student, cfg.lr)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + 300)
-        at_target = None
-        for step in range(cfg.cmp_steps + 1):
-            if at_target is None:
-                with torch.no_grad():
-                    logp_B_KN = all_sequence_logprobs(student, setup.task_B.prompts)
-                if float((logp_B_KN.exp() * setup.correct_B_KN).sum(-1).mean()) >= cfg.target_success:
-                    at_target = {"samples": step * cfg.batch, **evaluate(student, setup, cfg.pass_k)}
-            if step % cfg.eval_every == 0 or step == cfg.cmp_steps:
-                ev = evaluate(student, setup, cfg.pass_k)
-                curves.append({"method": method, "step": step, "samples": step * cfg.batch, **ev})
-            if step == cfg.cmp_steps:
-                break
-            if method == "grpo":  # batch / group_size prompts, group_size samples each
-                prompts_B = random_prompts(setup.task_B.prompts, cfg.batch // cfg.group_size, gen)
-                prompts_B = prompts_B.repeat_interleave(cfg.group_size)
-            else:
-                prompts_B = random_prompts(setup.task_B.prompts, cfg.batch, gen)
-            on_policy = method_spec(method).rollouts == "student"
-            tokens_BT = sample(student if on_policy else setup.teacher_B, prompts_B, gen)
-            loss, _ = method_loss(method, student, setup.teacher_B, prompts_B, tokens_BT, task=setup.task_B,
-                                  group_size=cfg.group_size, topk=cfg.topk, jsd_beta=cfg.jsd_beta)
-            optimizer_step(opt, loss)
-        table.append({"method": method, "samples_to_target": None if at_target is None else at_target["samples"],
-                      "retention": ev["success_A"] / base["success_A"], "entropy": ev["entropy_B"],
-                      "pass_at_k": ev["pass_at_k_B"], "kl_to_init": ev["kl_B"]})
-        nan = float("nan")
-        details.append({"method": method, **ev,
-                        "retention_at_target": nan if at_target is None else at_target["success_A"] / base["success_A"],
-                        "kl_B_at_target": nan if at_target is None else at_target["kl_B"],
-                        "entropy_B_at_target": nan if at_target is None else at_target["entropy_B"]})
-    return table, details, curves
+    curves = []
+    student = trainable_copy(setup.init)
+    opt = make_optimizer(cfg.optimizer, student, cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 300)
+    at_target = None
+    for step in range(cfg.cmp_steps + 1):
+        if at_target is None:
+            with torch.no_grad():
+                logp_B_KN = table_logprobs(student.state_table(), setup.world, setup.task_B.prompts)
+            if float((logp_B_KN.exp() * setup.correct_B_KN).sum(-1).mean()) >= cfg.target_success:
+                at_target = {"samples": step * cfg.batch, **evaluate(student, setup, cfg.pass_k)}
+        if step % cfg.eval_every == 0 or step == cfg.cmp_steps:
+            ev = evaluate(student, setup, cfg.pass_k)
+            curves.append({"method": method, "step": step, "samples": step * cfg.batch, **ev})
+        if step == cfg.cmp_steps:
+            break
+        if method == "grpo":  # batch / group_size prompts, group_size samples each
+            prompts_B = random_prompts(setup.task_B.prompts, cfg.batch // cfg.group_size, gen)
+            prompts_B = prompts_B.repeat_interleave(cfg.group_size)
+        else:
+            prompts_B = random_prompts(setup.task_B.prompts, cfg.batch, gen)
+        on_policy = method_spec(method).rollouts == "student"
+        tokens_BT = sample(student if on_policy else setup.teacher_B, prompts_B, gen)
+        loss, _ = method_loss(method, student, setup.teacher_B, prompts_B, tokens_BT, task=setup.task_B,
+                              group_size=cfg.group_size, topk=cfg.topk, jsd_beta=cfg.jsd_beta)
+        optimizer_step(opt, loss)
+    row = {"method": method, "samples_to_target": None if at_target is None else at_target["samples"],
+           "retention": ev["success_A"] / base["success_A"], "entropy": ev["entropy_B"],
+           "pass_at_k": ev["pass_at_k_B"], "kl_to_init": ev["kl_B"]}
+    nan = float("nan")
+    details = {"method": method, **ev,
+               "retention_at_target": nan if at_target is None else at_target["success_A"] / base["success_A"],
+               "kl_B_at_target": nan if at_target is None else at_target["kl_B"],
+               "entropy_B_at_target": nan if at_target is None else at_target["entropy_B"]}
+    return row, details, curves
+
+
+def run_comparison(cfg: Config, setup: Setup, progress: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """Learn B from π₀ with every method of ``cfg.methods`` (:func:`comparison_run`). Returns (table rows in
+    the JSON schema, per-method diagnostics, learning curves every ``eval_every`` steps)."""
+    runs = [comparison_run(setup, cfg, m) for m in tqdm(cfg.methods, desc="comparison", disable=not progress,
+                                                        leave=False)]
+    return [r[0] for r in runs], [r[1] for r in runs], [row for r in runs for row in r[2]]
 
 
 # --------------------------------------------------------------------------------------------
-# summaries and the run
+# the jobs and the run
 # --------------------------------------------------------------------------------------------
 
 
-def summarise_self_distill(rows: list[dict], cfg: Config) -> list[dict]:
-    """Per (method, lr, schedule): final KL (mean over seeds), Spearman of the seed-mean KL with the
-    step, and the mean change of success over the second half of the run (mean over seeds)."""
-    summary = []
-    keys = sorted({(r["method"], r["lr"], r["schedule"]) for r in rows},
-                  key=lambda k: (SELF_DISTILL_METHODS.index(k[0]), k[1], k[2]))
-    for method, lr, schedule in keys:
-        sel = [r for r in rows if (r["method"], r["lr"], r["schedule"]) == (method, lr, schedule)]
-        steps = sorted({r["step"] for r in sel})
-        kl_mean = [_mean(r["kl_to_init"] for r in sel if r["step"] == s) for s in steps]
-        succ0 = _mean(r["success"] for r in sel if r["step"] == 0)
-        late = [r["success"] - succ0 for r in sel if r["step"] >= steps[-1] / 2 and r["step"] > 0]
-        summary.append({"method": method, "lr": lr, "schedule": schedule, "kl_final": kl_mean[-1],
-                        "kl_max": max(kl_mean), "kl_mid": kl_mean[len(kl_mean) // 2],
-                        "spearman_kl_step": spearman(steps, kl_mean),
-                        "success_change_late": _mean(late)})
-    return summary
+def jobs(cfg: Config) -> list[Job]:
+    """The setup (π₀ and the tasks), then the gradient check, one job per self-distillation (method, lr), one per
+    continual-learning lineage and one per compared method, each given the setup."""
+    setup = ("forgetting/setup",)
+    sd_cost = cfg.sd_seeds * cfg.sd_steps / 700  # seconds per schedule, roughly
+    return ([Job("forgetting/setup", build_setup, (cfg,), cost=cfg.warmup_steps / 500),
+             Job("forgetting/init", init_job, (cfg,), setup, cost=0.3)]
+            + [Job(f"forgetting/self-distill/{m}/lr={lr}", self_distill_runs, (cfg, m, lr), setup,
+                   cost=sd_cost * (2 if m.startswith("sft") else 1)) for m in SELF_DISTILL_METHODS for lr in cfg.sd_lrs]
+            + [Job(f"forgetting/continual/{learn}", continual_runs, (cfg, learn), setup,
+                   cost=(cfg.cl_steps + 2 * cfg.cl_recover_steps) / 400) for learn in CONTINUAL_LEARN]
+            + [Job(f"forgetting/comparison/{m}", comparison_run, (cfg, m), setup, cost=cfg.cmp_steps / 450)
+               for m in cfg.methods])
 
 
-def continual_summary(rows: list[dict], cfg: Config) -> list[dict]:
-    """Per lineage (learn method + recovery method): success on A and B at π₀, after learning B, and
-    after the recovery; ``recovered_fraction = (A_recovered − A_after_B) / (A_π₀ − A_after_B)``."""
-    out = []
-    end_B, end = cfg.cl_steps, cfg.cl_steps + cfg.cl_recover_steps
-    for method in dict.fromkeys(r["method"] for r in rows if r["phase"] == "recover_A"):
-        learn = method.split("+")[0]
-        phase1 = {r["step"]: r for r in rows if r["method"] == learn}
-        phase2 = {r["step"]: r for r in rows if r["method"] == method}
-        a0, ab, ar = phase1[0]["success_A"], phase1[end_B]["success_A"], phase2[end]["success_A"]
-        drop = a0 - ab
-        # the first evaluation at which A has recovered two thirds of its drop, and B at that moment
-        first = next((r for _, r in sorted(phase2.items()) if drop > 0 and r["success_A"] - ab >= 2 / 3 * drop), None)
-        out.append({"method": method, "A_init": a0, "A_after_B": ab, "A_after_recovery": ar,
-                    "recovered_fraction": (ar - ab) / drop if drop > 0 else float("nan"),
-                    "B_init": phase1[0]["success_B"], "B_after_B": phase1[end_B]["success_B"],
-                    "B_after_recovery": phase2[end]["success_B"],
-                    "steps_to_two_thirds": None if first is None else first["step"] - end_B,
-                    "B_at_two_thirds": None if first is None else first["success_B"]})
-    return out
+def init_job(setup: Setup, cfg: Config) -> dict:
+    """The gradient check (:func:`gradient_check`) and the exact evaluation of π₀ and of both teachers."""
+    return {"gradient_at_init": gradient_check(setup), "init": evaluate(setup.init, setup, cfg.pass_k),
+            "teachers": [evaluate(t, setup, cfg.pass_k) for t in (setup.teacher_A, setup.teacher_B)]}
 
 
-def run(cfg: Config, out: str, progress: bool = True) -> dict:
-    """Run the three experiments; write ``out/forgetting.json``, ``out/forgetting_details.json`` and
-    ``out/forgetting.png``.
+#: the parts of the run whose seconds the JSON reports, by the prefix of their jobs' keys
+CLOCK_PARTS = {"setup_and_gradient_check": ("forgetting/setup", "forgetting/init"),
+               "self_distill": ("forgetting/self-distill/",), "continual": ("forgetting/continual/",),
+               "comparison": ("forgetting/comparison/",)}
+
+
+def finish(cfg: Config, results: dict, out: str, timing: Timing) -> dict:
+    """Print the tables, save ``out/forgetting.png`` and write ``out/forgetting.json`` and
+    ``out/forgetting_details.json`` from the results of :func:`jobs` (``timing``: how they ran).
 
     ``forgetting.json``::
 
@@ -433,32 +446,21 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
 
     ``samples_to_target`` is null when the target was never reached.
     """
-    start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threading costs more than it saves, and the CPU is shared
-    try:
-        os.makedirs(out, exist_ok=True)
-        clock = {}
-        tic = time.perf_counter()
-        setup = build_setup(cfg)
-        base = evaluate(setup.init, setup, cfg.pass_k)
-        grad_rows = gradient_check(setup)
-        clock["setup_and_gradient_check"], tic = time.perf_counter() - tic, time.perf_counter()
-        sd_rows = run_self_distill(cfg, setup, progress)
-        clock["self_distill"], tic = time.perf_counter() - tic, time.perf_counter()
-        cl_rows = run_continual(cfg, setup, progress)
-        clock["continual"], tic = time.perf_counter() - tic, time.perf_counter()
-        table, details, curves = run_comparison(cfg, setup, progress)
-        clock["comparison"] = time.perf_counter() - tic
-    finally:
-        torch.set_num_threads(threads)
+    os.makedirs(out, exist_ok=True)
+    init = results["forgetting/init"]
+    grad_rows, base = init["gradient_at_init"], init["init"]
+    sd_rows = [r for m in SELF_DISTILL_METHODS for lr in cfg.sd_lrs for r in results[f"forgetting/self-distill/{m}/lr={lr}"]]
+    cl_rows = [r for learn in CONTINUAL_LEARN for r in results[f"forgetting/continual/{learn}"]]
+    runs = [results[f"forgetting/comparison/{m}"] for m in cfg.methods]
+    table, details, curves = [r[0] for r in runs], [r[1] for r in runs], [row for r in runs for row in r[2]]
+    wall = timing.wall(NAME)
+    clock = {part: sum(v for k, v in timing.seconds.items() if k.startswith(prefixes))
+             for part, prefixes in CLOCK_PARTS.items()}
 
     sd_summary, cl_summary = summarise_self_distill(sd_rows, cfg), continual_summary(cl_rows, cfg)
-    report.print_forgetting(cfg, grad_rows, sd_summary, cl_summary, table, details, base,
-                            evaluate(setup.teacher_A, setup, cfg.pass_k), evaluate(setup.teacher_B, setup, cfg.pass_k))
+    report.print_forgetting(cfg, grad_rows, sd_summary, cl_summary, table, details, base, *init["teachers"])
     fig_path = os.path.join(out, "forgetting.png")
     report.plot_forgetting(cfg, sd_rows, cl_rows, curves, table, details, fig_path, SELF_DISTILL_METHODS)
-    wall = time.perf_counter() - start
 
     config = {**asdict(cfg), "sd_lrs": list(cfg.sd_lrs), "methods": list(cfg.methods), "student": "MLPPolicy", "wall_time_s": wall,
               "wall_time_parts_s": clock,
@@ -478,8 +480,14 @@ def run(cfg: Config, out: str, progress: bool = True) -> dict:
         json.dump(json_safe(details_out), f, indent=1)
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in clock.items())
     print(f"\nwrote {os.path.join(out, 'forgetting.json')}, forgetting_details.json and {fig_path}; "
-          f"wall time {wall:.1f} s ({parts})")
+          f"wall time {wall:.1f} s (jobs: {parts})")
     return {**result, "details": details_out, "figures": [fig_path]}
+
+
+def run(cfg: Config, out: str, progress: bool = True, workers: int | None = None) -> dict:
+    """Run the three experiments (their jobs in ``workers`` processes, default one per core) and write their
+    results (:func:`finish`)."""
+    return run_experiment(sys.modules[__name__], cfg, out, progress, workers)
 
 
 # --------------------------------------------------------------------------------------------

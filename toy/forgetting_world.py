@@ -11,16 +11,19 @@ mean and variance of one sample's gradient (:func:`expected_gradient`).
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from opd_mini import registry
+from opd_mini.batch import Batch
 from opd_mini.losses import token_logprobs
 from toy.exact import (all_sequence_logprobs, correct_table, entropy_from_logprobs, enumerate_pairs,
-                       kl_from_logprobs, sequence_ids)
-from toy.world import MLPPolicy, Policy, TablePolicy, Task, World, copy_policy, make_student, make_tasks, make_teacher
+                       kl_from_logprobs, sequence_ids, table_logprobs)
+from toy.policies import MLPPolicy, Policy, TablePolicy, copy_policy, make_student, make_teacher
+from toy.world import Task, World, make_tasks
 
 #: The methods' names in the toy experiments → the registered losses they train with. Any other name
 #: is looked up in :data:`opd_mini.registry.LOSS_REGISTRY` as it is, so a user's registered loss runs too.
@@ -45,13 +48,34 @@ def make_multi_answer_task(name: str, answer_sets: dict[int, torch.Tensor]) -> T
     answers_KMT = torch.full((len(prompts), M, T), -1, dtype=torch.long)  # −1 never matches a token
     for k, p in enumerate(prompts):
         answers_KMT[k, : len(answer_sets[p])] = answer_sets[p]
-    row_of = {p: k for k, p in enumerate(prompts)}
-
-    def verifier(prompts_B: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
-        rows_B = torch.tensor([row_of[int(p)] for p in prompts_B.tolist()], dtype=torch.long)
-        return (tokens_BT.long().unsqueeze(1) == answers_KMT[rows_B]).all(-1).any(-1)  # (B,)
-
+    verifier = AnswerSetVerifier(answers_KMT, {p: k for k, p in enumerate(prompts)})
     return Task(name=name, prompts=prompts, answers_KT=answers_KMT[:, 0], verifier=verifier)
+
+
+def answer_set(first_T: torch.Tensor, second: bool, V: int, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt's answers (M, T) and their equal weights (M,): ``first_T`` and, with ``second``, another
+    answer drawn uniformly until it differs from the first."""
+    answers = [first_T]
+    if second:
+        other = torch.randint(V, first_T.shape, generator=generator)
+        while torch.equal(other, answers[0]):
+            other = torch.randint(V, first_T.shape, generator=generator)
+        answers.append(other)
+    return torch.stack(answers), torch.full((len(answers),), 1.0 / len(answers))
+
+
+@dataclass
+class AnswerSetVerifier:
+    """y solves p when it equals one of p's answers ``answers_KMT[row_of[p]]`` (rows padded with −1).
+    A class rather than a closure, so that a task can be sent to a worker process."""
+
+    answers_KMT: torch.Tensor
+    row_of: dict[int, int]
+
+    def __call__(self, prompts_B: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
+        rows_B = torch.tensor([self.row_of[int(p)] for p in prompts_B.tolist()], dtype=torch.long)
+        return (tokens_BT.long().unsqueeze(1) == self.answers_KMT[rows_B]).all(-1).any(-1)  # (B,)
 
 
 def make_multi_answer_teacher(world: World, answer_sets: dict[int, torch.Tensor], weights: dict[int, torch.Tensor],
@@ -70,15 +94,14 @@ def make_multi_answer_teacher(world: World, answer_sets: dict[int, torch.Tensor]
     """
     table_PSV = torch.randn(world.P, world.num_states, world.V, generator=generator) * noise
     prefixes_ST, pos_S = world.state_prefixes(), world.state_positions()
+    before_ST = torch.arange(world.T) < pos_S.unsqueeze(1)  # the positions of each state's prefix
     for p, answers_MT in answer_sets.items():
-        w_M = weights[p].float()
-        for s in range(world.num_states):
-            t = int(pos_S[s])
-            consistent_M = (answers_MT[:, :t] == prefixes_ST[s, :t]).all(-1)
-            if not consistent_M.any():
-                consistent_M = torch.ones_like(consistent_M)
-            mix_V = torch.zeros(world.V).index_add_(0, answers_MT[consistent_M, t], w_M[consistent_M])
-            table_PSV[p, s] += torch.log1p(math.expm1(peak) * mix_V / mix_V.sum())
+        # C per state: the answers that agree with the prefix (all of them where none does)
+        consistent_SM = ((answers_MT.unsqueeze(0) == prefixes_ST.unsqueeze(1)) | ~before_ST.unsqueeze(1)).all(-1)
+        consistent_SM |= ~consistent_SM.any(-1, keepdim=True)
+        next_SM = answers_MT[:, pos_S].T  # each answer's token after each prefix
+        mix_SV = torch.zeros(world.num_states, world.V).scatter_add_(1, next_SM, weights[p].float() * consistent_SM)
+        table_PSV[p] += torch.log1p(math.expm1(peak) * mix_SV / mix_SV.sum(-1, keepdim=True))
     return TablePolicy(world, table_PSV)
 
 
@@ -102,19 +125,23 @@ class Setup:
     correct_B_KN: torch.Tensor
     init_logp_A_KN: torch.Tensor
     init_logp_B_KN: torch.Tensor
+    answer_ids_B: list[torch.Tensor] = field(init=False, repr=False)  # each B prompt's answers' sequence ids
+
+    def __post_init__(self):
+        self.answer_ids_B = [sequence_ids(self.answer_sets_B[p], self.world.V) for p in self.task_B.prompts]
 
 
 @torch.no_grad()
 def evaluate(policy: Policy, setup: Setup, pass_k: int = 4) -> dict[str, float]:
     """Exact success on A and B, KL(π₀‖π) on A and on B, entropy, pass@k and coverage@k on B."""
     w = setup.world
-    logp_A_KN = all_sequence_logprobs(policy, setup.task_A.prompts)
-    logp_B_KN = all_sequence_logprobs(policy, setup.task_B.prompts)
+    table_PSV = policy.state_table()  # the same log-probabilities, by lookup
+    logp_A_KN = table_logprobs(table_PSV, w, setup.task_A.prompts)
+    logp_B_KN = table_logprobs(table_PSV, w, setup.task_B.prompts)
     succ_A_K = (logp_A_KN.exp() * setup.correct_A_KN).sum(-1)
     succ_B_K = (logp_B_KN.exp() * setup.correct_B_KN).sum(-1)
-    coverage_K = torch.stack([
-        (1 - (1 - logp_B_KN[k, sequence_ids(setup.answer_sets_B[p], w.V)].exp()) ** pass_k).mean()
-        for k, p in enumerate(setup.task_B.prompts)])
+    coverage_K = torch.stack([(1 - (1 - logp_B_KN[k, ids].exp()) ** pass_k).mean()
+                              for k, ids in enumerate(setup.answer_ids_B)])
     return {"success_A": float(succ_A_K.mean()), "success_B": float(succ_B_K.mean()),
             "kl_A": float(kl_from_logprobs(setup.init_logp_A_KN, logp_A_KN)),
             "kl_B": float(kl_from_logprobs(setup.init_logp_B_KN, logp_B_KN)),
@@ -137,14 +164,7 @@ def build_setup(cfg) -> Setup:
     # task B: the first `two_answer_prompts` prompts get a second, different answer, weighted 50/50
     answer_sets, weights = {}, {}
     for k, p in enumerate(single_B.prompts):
-        answers = [single_B.answers_KT[k]]
-        if k < cfg.two_answer_prompts:
-            other = torch.randint(cfg.V, (cfg.T,), generator=g)
-            while torch.equal(other, answers[0]):
-                other = torch.randint(cfg.V, (cfg.T,), generator=g)
-            answers.append(other)
-        answer_sets[p] = torch.stack(answers)
-        weights[p] = torch.full((len(answers),), 1.0 / len(answers))
+        answer_sets[p], weights[p] = answer_set(single_B.answers_KT[k], k < cfg.two_answer_prompts, cfg.V, g)
     task_B = make_multi_answer_task("B", answer_sets)
     teacher_A = make_teacher(world, [task_A], peak=cfg.teacher_peak, noise=cfg.teacher_noise, generator=g)
     teacher_B = make_multi_answer_teacher(world, answer_sets, weights, cfg.teacher_peak, cfg.teacher_noise, g)
@@ -203,12 +223,19 @@ def loss_from_logits(method: str, student_logits_BTV: torch.Tensor, tokens_BT: t
     spec = method_spec(method)
     if spec.signal is not None and teacher_logits_BTV is None:
         raise ValueError(f"method {method!r} compares with a teacher: pass teacher_logits_BTV")
-    batch = registry.LossBatch.from_teacher_logits(tokens_BT, teacher_logits_BTV, signal=spec.signal, top_k=topk,
+    batch = Batch.from_teacher_logits(tokens_BT, teacher_logits_BTV, signal=spec.signal, top_k=topk,
                                                    num_tokens=num_tokens, rewards_B=rewards_B, group_size=group_size)
     if spec.reward and spec.signal is not None and batch.behaviour_logp_BT is None:  # the hybrid (opd_grpo): on-policy
         batch.behaviour_logp_BT = token_logprobs(student_logits_BTV.detach(), tokens_BT)
-    opts = registry.LossOptions(top_k=topk, beta=jsd_beta, add_sampled_token=True)
-    return registry.compute_loss(spec.name, student_logits_BTV, batch, opts)
+    return registry.compute_loss(spec.name, student_logits_BTV, batch,
+                                 loss_options(top_k=topk, beta=jsd_beta, add_sampled_token=True))
+
+
+@functools.lru_cache(maxsize=64)
+def loss_options(**values) -> registry.LossOptions:
+    """``registry.LossOptions(**values)``, built once per setting: its values are checked on construction, which
+    a training loop need not repeat at every step. The options are shared: do not change them."""
+    return registry.LossOptions(**values)
 
 
 def method_loss(method: str, student: Policy, teacher: Policy, prompts_B: torch.Tensor, tokens_BT: torch.Tensor, *,

@@ -1,16 +1,33 @@
 """The toy experiments' printed tables and figures, apart from the experiments' maths.
 
-Every function takes the rows an experiment computed (and its config) and prints or draws them; none
-computes a result of its own beyond means and correlations for display.
+Every function takes the rows an experiment computed (and its config) and summarises, prints or draws them;
+none computes a result of its own beyond the means, correlations and fractions its tables show.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
-from toy.stats import mean, pearson, spearman
+from opd_mini.stats import mean, pearson, spearman
+
+
+def fmt(ms, digits=3) -> str:
+    """``"m ± s"`` of a (mean, std) pair; ``"—"`` when there is none."""
+    m, s = ms
+    return "—" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def pyplot():
+    """matplotlib's pyplot, on the Agg backend unless pyplot was imported already (a notebook's)."""
+    import matplotlib
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,11 +76,7 @@ def print_training(records: list[dict], cfg) -> None:
 
 def plot_bias_variance(rows: list[dict], records: list[dict], cfg, path: str) -> None:
     """The panels of ``bias_variance.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     gammas, Ts = list(cfg.gammas), list(cfg.Ts)
     by = {(r["gamma"], r["T"]): r for r in rows}
     cmap = plt.get_cmap("viridis")
@@ -113,6 +126,49 @@ def plot_bias_variance(rows: list[dict], records: list[dict], cfg, path: str) ->
 # --------------------------------------------------------------------------------------------
 # self-distillation and forgetting (toy/forgetting.py)
 # --------------------------------------------------------------------------------------------
+
+
+def summarise_self_distill(rows: list[dict], cfg) -> list[dict]:
+    """Per (method, lr, schedule) of :func:`toy.forgetting.run_self_distill`'s rows: final KL (mean over seeds),
+    Spearman of the seed-mean KL with the step, and the mean change of success over the second half of the run
+    (mean over seeds). Methods in the order of the rows, then learning rates and schedules sorted."""
+    summary = []
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    keys = sorted({(r["method"], r["lr"], r["schedule"]) for r in rows}, key=lambda k: (order[k[0]], k[1], k[2]))
+    for method, lr, schedule in keys:
+        sel = [r for r in rows if (r["method"], r["lr"], r["schedule"]) == (method, lr, schedule)]
+        steps = sorted({r["step"] for r in sel})
+        kl_mean = [mean(r["kl_to_init"] for r in sel if r["step"] == s) for s in steps]
+        succ0 = mean(r["success"] for r in sel if r["step"] == 0)
+        late = [r["success"] - succ0 for r in sel if r["step"] >= steps[-1] / 2 and r["step"] > 0]
+        summary.append({"method": method, "lr": lr, "schedule": schedule, "kl_final": kl_mean[-1],
+                        "kl_max": max(kl_mean), "kl_mid": kl_mean[len(kl_mean) // 2],
+                        "spearman_kl_step": spearman(steps, kl_mean),
+                        "success_change_late": mean(late)})
+    return summary
+
+
+def continual_summary(rows: list[dict], cfg) -> list[dict]:
+    """Per lineage (learn method + recovery method) of :func:`toy.forgetting.run_continual`'s rows: success on A
+    and B at π₀, after learning B, and after the recovery;
+    ``recovered_fraction = (A_recovered − A_after_B) / (A_π₀ − A_after_B)``."""
+    out = []
+    end_B, end = cfg.cl_steps, cfg.cl_steps + cfg.cl_recover_steps
+    for method in dict.fromkeys(r["method"] for r in rows if r["phase"] == "recover_A"):
+        learn = method.split("+")[0]
+        phase1 = {r["step"]: r for r in rows if r["method"] == learn}
+        phase2 = {r["step"]: r for r in rows if r["method"] == method}
+        a0, ab, ar = phase1[0]["success_A"], phase1[end_B]["success_A"], phase2[end]["success_A"]
+        drop = a0 - ab
+        # the first evaluation at which A has recovered two thirds of its drop, and B at that moment
+        first = next((r for _, r in sorted(phase2.items()) if drop > 0 and r["success_A"] - ab >= 2 / 3 * drop), None)
+        out.append({"method": method, "A_init": a0, "A_after_B": ab, "A_after_recovery": ar,
+                    "recovered_fraction": (ar - ab) / drop if drop > 0 else float("nan"),
+                    "B_init": phase1[0]["success_B"], "B_after_B": phase1[end_B]["success_B"],
+                    "B_after_recovery": phase2[end]["success_B"],
+                    "steps_to_two_thirds": None if first is None else first["step"] - end_B,
+                    "B_at_two_thirds": None if first is None else first["success_B"]})
+    return out
 
 
 def print_forgetting(cfg, grad_rows, sd_summary, cl_summary, table, details, base, teacher_A_eval, teacher_B_eval) -> None:
@@ -181,11 +237,7 @@ def print_forgetting(cfg, grad_rows, sd_summary, cl_summary, table, details, bas
 
 def plot_forgetting(cfg, sd_rows, cl_rows, curves, table, details, path: str, self_distill_methods) -> None:
     """The six panels of ``forgetting.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))

@@ -19,11 +19,11 @@ The kinds of training data:
 * ``privileged``: clean answers, but with probability ``p`` the prompt is the privileged one,
   :data:`PRIVILEGED_TEMPLATE` filled with the example (the answer is in it): a model that has seen a
   little of such prompts, so that behind one it can read the answer off (the start of on-policy
-  self-distillation with privileged context, :mod:`opd_mini.opsd`).
+  self-distillation with privileged context, :mod:`opd_mini.experiments.opsd`).
 
 Command line (builds, or finds cached, every setting's pair and prints what it measured)::
 
-    python -m opd_mini.worlds [--settings compounding,noisy_teacher] [--seed 0] [--force] [--write-assets]
+    python -m opd_mini.experiments worlds [--settings compounding,noisy_teacher] [--seed 0] [--force] [--write-assets]
 """
 
 from __future__ import annotations
@@ -42,16 +42,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from opd_mini.config import run_cli
+from opd_mini.cli import run_cli
+from opd_mini.forward import completion_logits
 from opd_mini.losses import sft_cross_entropy, token_logprobs
 from opd_mini.sampler import build_rollouts, sample
-from opd_mini.student import completion_logits
 from opd_mini.tasks import Task, WalkTask, get_task
 from opd_mini.tiny import build_char_tokenizer, build_tiny_model, ensure_tiny_models, num_parameters, num_threads
 
 #: Bump when a recipe below changes, so caches and shipped assets are not reused by mistake.
 WORLDS_VERSION = 1
-#: Shipped pairs (regenerate with ``python -m opd_mini.worlds --write-assets``).
+#: Shipped pairs (regenerate with ``python -m opd_mini.experiments worlds --write-assets``).
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "worlds"
 #: The privileged prompt of the ``privileged`` data kind (a ``teacher_template``: the example's fields).
 PRIVILEGED_TEMPLATE = "{prompt} (the answer is {answer})"
@@ -95,11 +95,13 @@ class Setting:
     teacher_of: str | None = None  # share another setting's teacher (built there, not stored twice)
 
 
+#: The warm-started walk student of several settings: direct paths only, until its sampled pass@1 reaches 0.3.
+WALK_STUDENT = Recipe(size="student", data="clean", lr=3e-3, check_every=10, min_sampled=0.3)
+
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting(
         name="compounding", task="walk:10", max_new_tokens=12,
-        teacher=Recipe(data="repair", p=0.5, lr=3e-3, min_greedy=0.99, min_sampled=0.97),
-        student=Recipe(size="student", data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
+        teacher=Recipe(data="repair", p=0.5, lr=3e-3, min_greedy=0.99, min_sampled=0.97), student=WALK_STUDENT,
         about="walk to a goal; a wrong move can be repaired by later ones. The teacher knows how to come "
               "back (trained on repaired walks), its own samples take the direct path; the student has seen "
               "only direct paths",
@@ -107,7 +109,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting(
         name="noisy_teacher", task="walk:10", max_new_tokens=12,
         teacher=Recipe(data="noisy", p=0.08, lr=3e-3, min_greedy=0.97, min_sampled=0.6, max_sampled=0.75),
-        student=Recipe(size="student", data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
+        student=WALK_STUDENT,
         about="an imperfect, stochastic teacher, trained on walks whose moves were flipped at random (p = 0.08 "
               "per move): its greedy walk is right, its samples often are not, and its errors are spread over "
               "every move of the walk",
@@ -115,8 +117,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting(
         name="capacity", task="walk:10", max_new_tokens=12,
         teacher=Recipe(), teacher_of="compounding",
-        student=Recipe(size="student", config=dict(num_hidden_layers=1, hidden_size=16, intermediate_size=64),
-                       data="clean", lr=3e-3, check_every=10, min_sampled=0.3),
+        student=replace(WALK_STUDENT, config=dict(num_hidden_layers=1, hidden_size=16, intermediate_size=64)),
         about="a capacity-limited student: one layer of width 16 (about a twentieth of the teacher's parameters) "
               "distilled from the compounding setting's teacher",
     ),
@@ -125,7 +126,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
         student=Recipe(size="teacher", data="clean", mix_task="walk:10", mix_fraction=0.03, check_every=10,
                        min_sampled=0.9, mix_min_sampled=0.1, mix_max_sampled=0.6),
         about="a model with skill A (reverse:5, sampled pass@1 >= 0.9) that has seen a little of skill B (walk:10, "
-              "3 % of its data; pass@1 between 0.1 and 0.6): the start of the forgetting experiment, where it "
+              "3 % of its data; pass@1 between 0.1 and 0.6): the start of the retention experiment, where it "
               "learns B from the walk expert (the compounding setting's teacher)",
     ),
     Setting(
@@ -135,7 +136,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
                        max_sampled=0.45, privileged_min_sampled=0.6),
         about="a walk student like the compounding setting's (sampled pass@1 between 0.3 and 0.45), but four fifths of "
               "its warm-up prompts were privileged ('{prompt} (the answer is {answer})'): behind such a prompt its "
-              "sampled pass@1 is at least 0.6 (on-policy self-distillation with privileged context, opd_mini.opsd)",
+              "sampled pass@1 is at least 0.6 (on-policy self-distillation with privileged context, opd_mini.experiments.opsd)",
     ),
     Setting(
         name="experts", task="add:2", max_new_tokens=8,
@@ -146,7 +147,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
         about="an addition expert (add:2, sampled pass@1 >= 0.95) and a small student trained on both tasks (half of "
               "its data reverse:5) until its sampled pass@1 on addition reaches 0.2; reversal is learned much sooner, "
               "so it knows reversal well and addition weakly: the start of the merging-experts experiment "
-              "(opd_mini.experts), whose reversal expert is the counter_example teacher",
+              "(opd_mini.experiments.experts), whose reversal expert is the counter_example teacher",
     ),
 ]}
 
@@ -205,7 +206,7 @@ def accuracies(model, tokenizer, task: Task, *, max_new_tokens: int, n: int = 25
     greedy = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = sample(model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
                      temperature=1.0, seed=seed)
-    paired = [examples[i] for i in sampled.prompt_index.tolist()]
+    paired = [examples[i] for i in sampled.prompt_index_B.tolist()]
     return {"greedy": sum(task.rewards(greedy.completions, examples)) / n,
             "sampled": sum(task.rewards(sampled.completions, paired)) / len(paired)}
 
@@ -234,10 +235,10 @@ def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tok
             model.train()
             prompts, completions, skip = training_batch(task, recipe, recipe.batch_size, seed * 1_000_003 + step)
             rollouts = build_rollouts(tokenizer, prompts, completions)
-            mask_BT = rollouts.completion_mask.clone()
+            mask_BT = rollouts.mask_BT.clone()
             for i, k in enumerate(skip):
                 mask_BT[i, :k] = False  # no loss on the repair prefix
-            logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.completion_ids)
+            logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.tokens_BT)
             loss, _ = sft_cross_entropy(logp_BT, mask_BT)
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr * min(1.0, step / 20)
@@ -294,7 +295,7 @@ def build_setting(name: str, out_dir: str | os.PathLike, *, seed: int = 0, progr
                               progress=progress, desc=f"{name} {role}")
         if not log["reached"]:
             raise RuntimeError(f"setting {name}: the {role} did not reach its target within {recipe.max_steps} steps "
-                               f"(last check: {log['final']}); change its recipe in opd_mini/worlds.py")
+                               f"(last check: {log['final']}); change its recipe in opd_mini/experiments/worlds.py")
         model.save_pretrained(out_dir / role)
         tokenizer.save_pretrained(out_dir / role)
         info[role] = {"recipe": asdict(recipe), "parameters": num_parameters(model), **log}
@@ -351,7 +352,7 @@ def ensure_setting(name: str, *, seed: int = 0, cache_dir: str | os.PathLike | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m opd_mini.worlds", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m opd_mini.experiments worlds", description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings to build")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="cache directory (default: ~/.cache/opd_mini/worlds)")
@@ -377,18 +378,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 paths = ensure_setting(name, seed=args.seed, cache_dir=args.out, force=args.force,
                                        progress=not args.no_progress)
-            info = paths["info"]
-            print(f"{name} ({info['task']}): {info.get('about', '')}")
-            for role in ("teacher", "student"):
-                r = info[role]
-                if r is None:
-                    continue
-                final = r.get("final") or {"greedy": r.get("greedy_accuracy", float("nan")), "sampled": float("nan")}
-                print(f"  {role:8s} {r['parameters']:8,d} params, {r.get('steps', '?')} steps, greedy "
-                      f"{final['greedy']:.3f}, sampled pass@1 {final['sampled']:.3f}  {paths[role]}")
+            print(describe(name, paths))
         return 0
 
     return run_cli(body)
+
+
+def describe(name: str, paths: dict) -> str:
+    """What a built setting is and what its models measured when they were built (paths: :func:`ensure_setting`'s)."""
+    info = paths["info"]
+    lines = [f"{name} ({info['task']}): {info.get('about', '')}"]
+    for role in ("teacher", "student"):
+        if (r := info[role]) is not None:
+            final = r.get("final") or {"greedy": r.get("greedy_accuracy", float("nan")), "sampled": float("nan")}
+            lines.append(f"  {role:8s} {r['parameters']:8,d} params, {r.get('steps', '?')} steps, greedy "
+                         f"{final['greedy']:.3f}, sampled pass@1 {final['sampled']:.3f}  {paths[role]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

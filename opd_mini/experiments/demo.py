@@ -1,9 +1,9 @@
 """Why on-policy distillation learns fast, or does not, on tiny transformers: four settings, seven methods.
 
-    python -m opd_mini.demo [--quick] [--settings compounding,noisy_teacher] [--methods sft,opd_full]
-                            [--seeds 0,1,2] [--out runs/demo] [--workers 2]
+    python -m opd_mini.experiments demo [--quick] [--settings compounding,noisy_teacher] [--methods sft,opd_full]
+                                        [--seeds 0,1,2] [--out runs/demo] [--workers 2]
 
-Each **setting** (:mod:`opd_mini.worlds`) is a task, a teacher built to a target accuracy and a
+Each **setting** (:mod:`opd_mini.experiments.worlds`) is a task, a teacher built to a target accuracy and a
 student warm-started to a lower one:
 
 * ``counter_example``: reversal with a near-perfect teacher (the documented case where continued SFT wins);
@@ -28,7 +28,7 @@ differs (method names start with ``sft``, ``grpo`` or ``opd``):
 
 Reported per setting and method, over seeds (mean ± standard deviation; "never" when a seed does not
 reach the target): **student sequences to the target**, the first evaluation where pass@1 closes half
-(``--quick``: 30 %) of the gap between the student's start and the teacher's sampled pass@1 (SFT's sequences are teacher
+(``--quick``: 30 %; two settings, three methods) of the gap between the student's start and the teacher's sampled pass@1 (SFT's sequences are teacher
 samples); **wall seconds** and **FLOPs** to that point; final pass@1, pass@k, per-token KL to the
 teacher and per-token entropy (the teacher's own entropy on its own samples beside it); and on the
 final student's samples, the fraction that **leave the teacher's support** (a completion that none of
@@ -43,28 +43,24 @@ teacher, GRPO has no teacher pass.
 JSON gives the share): there the comparison is of how fast each method learns a policy over a small
 set of prompts, not of generalisation to new ones.
 
-Writes ``OUT/demo.json`` (every number, per seed), ``OUT/demo.md`` (the tables) and ``OUT/demo.png``
-(pass@1 against student sequences, one panel per setting, bands of ± one standard deviation).
-Runs go to ``OUT/runs`` in ``--workers`` processes, one torch thread each.
+Writes ``OUT/demo.json`` (every number, per seed), ``OUT/demo.md`` (the docs block, then the full tables with
+seconds and FLOPs) and ``OUT/demo.png`` (pass@1 against student sequences, one panel per setting, bands of
+± one standard deviation). Runs go to ``OUT/runs`` in ``--workers`` processes, one torch thread each.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from opd_mini.config import TrainConfig, run_cli
+from opd_mini.experiments import toolkit
+from opd_mini.experiments.toolkit import fmt, mean_std
 
+NAME = "demo"
+QUICK_HELP = "the small budget: the two walk settings, three methods, 30 steps (under a minute on 2 cores)"
 #: The methods: name -> loss of the training loop (see the module docstring).
 METHODS: dict[str, str] = {
     "sft": "sft", "opd_sampled": "reverse_kl_sampled", "opd_topk": "reverse_kl_topk", "opd_full": "reverse_kl_full",
@@ -72,10 +68,13 @@ METHODS: dict[str, str] = {
 }
 SETTING_NAMES = ("counter_example", "compounding", "noisy_teacher", "capacity")
 
-#: Budgets: the full demo (about 10 minutes on 2 cores) and --quick (about 2 minutes; the tests use it).
+#: Budgets: the full demo (about 10 minutes on 2 cores) and --quick (the tests use it: the settings and methods
+#: whose claims they check).
 SCALES: dict[str, dict] = {
-    "full": dict(steps=120, eval_every=15, eval_prompts=128, methods=tuple(METHODS), gap_fraction=0.5),
-    "quick": dict(steps=30, eval_every=10, eval_prompts=48, methods=("sft", "opd_full", "grpo"), gap_fraction=0.3),
+    "full": dict(steps=120, eval_every=15, eval_prompts=128, settings=SETTING_NAMES, methods=tuple(METHODS),
+                 gap_fraction=0.5),
+    "quick": dict(steps=30, eval_every=10, eval_prompts=48, settings=("compounding", "noisy_teacher"),
+                  methods=("sft", "opd_full", "grpo"), gap_fraction=0.3),
 }
 #: What every run shares: the loop's settings apart from the loss.
 #: (No divergence stop: a rare teacher token can spike SFT's gradient norm; clipping bounds those steps.)
@@ -101,19 +100,19 @@ def policy_stats(model, teacher, tokenizer, task, prompts_examples: list, *, max
     prompts = [e.prompt for e in prompts_examples]
     r = sample(model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens, temperature=1.0,
                seed=seed)
-    paired = [prompts_examples[i] for i in r.prompt_index.tolist()]
+    paired = [prompts_examples[i] for i in r.prompt_index_B.tolist()]
     rewards = task.rewards(r.completions, paired)
     logp_BTV = torch.log_softmax(completion_logits(model, r).float(), dim=-1)
     entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
     out = {"pass@1": sum(rewards) / len(rewards),
-           "entropy": float(entropy_BT[r.completion_mask].mean())}
+           "entropy": float(entropy_BT[r.mask_BT].mean())}
     if teacher is not None:
         t = sample(teacher, tokenizer, prompts, num_generations=SUPPORT_SAMPLES, max_new_tokens=max_new_tokens,
                    temperature=1.0, seed=seed + 1)
         support: dict[int, set] = {}
-        for i, c in zip(t.prompt_index.tolist(), t.completions):
+        for i, c in zip(t.prompt_index_B.tolist(), t.completions):
             support.setdefault(i, set()).add(c)
-        off = [c not in support[i] for i, c in zip(r.prompt_index.tolist(), r.completions)]
+        off = [c not in support[i] for i, c in zip(r.prompt_index_B.tolist(), r.completions)]
         n_off = sum(off)
         out["off_support"] = n_off / len(off)
         out["off_support_success"] = (sum(w for w, o in zip(rewards, off) if o) / n_off) if n_off else None
@@ -125,49 +124,24 @@ def policy_stats(model, teacher, tokenizer, task, prompts_examples: list, *, max
 # --------------------------------------------------------------------------------------------
 
 
-def quiet_worker() -> None:
-    """A worker process: no Hugging Face progress bars or warnings, one torch thread."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(1)
-
-
-def load_frozen(path: str):
-    """A saved model in float32, eval mode, no gradients: for measuring, not training."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
-    model.requires_grad_(False)
-    return model
-
-
 def run_job(job: dict) -> dict:
     """Train one (setting, method, seed) and measure it; returns a JSON-able dict."""
     from transformers import AutoTokenizer
 
     from opd_mini.eval import held_out_examples
     from opd_mini.tasks import get_task
-    from opd_mini.train import train
 
-    quiet_worker()
-    cfg = TrainConfig(**job["config"])
-    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo owns its run directories
-    try:
-        summary = train(cfg)
-    except ValueError as e:  # bad input: say which run
-        raise ValueError(f"{job['setting']} / {job['method']} / seed {cfg.seed}: {e}") from None
-    log = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines() if line.strip()]
-    steps = [r for r in log if "time/step" in r]
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    task = get_task(cfg.task)
-    examples = held_out_examples(task, cfg.eval_prompts, cfg.seed)
-    student = load_frozen(str(Path(summary["checkpoint"]) / "model"))
-    final = policy_stats(student, load_frozen(cfg.teacher), tokenizer, task, examples, max_new_tokens=cfg.max_new_tokens,
-                         seed=cfg.seed)
+    c = job["config"]
+    summary = toolkit.train_run(c, f"{job['setting']} / {job['method']} / seed {c['seed']}")
+    steps = [r for r in summary["log"] if "time/step" in r]
+    tokenizer = AutoTokenizer.from_pretrained(c["tokenizer"])
+    task = get_task(c["task"])
+    examples = held_out_examples(task, c["eval_prompts"], c["seed"])
+    student = toolkit.load_frozen(str(Path(summary["checkpoint"]) / "model"))
+    final = policy_stats(student, toolkit.load_frozen(c["teacher"]), tokenizer, task, examples,
+                         max_new_tokens=c["max_new_tokens"], seed=c["seed"])
     return {
-        "setting": job["setting"], "method": job["method"], "seed": cfg.seed,
+        "setting": job["setting"], "method": job["method"], "seed": c["seed"],
         "evals": [{k: h[k] for k in ("step", "eval/pass@1", "eval/pass@k", "eval/kl_reverse")}
                   for h in summary["eval_history"]],
         "step_seconds": [r["time/step"] for r in steps],
@@ -185,10 +159,10 @@ def setting_job(job: dict) -> dict:
     from opd_mini.tasks import get_task
     from opd_mini.tiny import num_parameters
 
-    quiet_worker()
+    toolkit.quiet_worker()
     tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
     task = get_task(job["task"])
-    teacher, student = load_frozen(job["teacher"]), load_frozen(job["student"])
+    teacher, student = toolkit.load_frozen(job["teacher"]), toolkit.load_frozen(job["student"])
     prompts = [e.prompt for e in held_out_examples(task, job["eval_prompts"], job["seeds"][0])]
     out = {"setting": job["setting"], "teacher_params": num_parameters(teacher),
            "student_params": num_parameters(student),
@@ -205,17 +179,6 @@ def setting_job(job: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 # aggregation
 # --------------------------------------------------------------------------------------------
-
-
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the non-None values (None when there are none)."""
-    v = [x for x in values if x is not None]
-    if not v:
-        return None, None
-    m = sum(v) / len(v)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
-
-
 def flops_per_step(method: str, tokens: float, n_sequences: int, prompt_len: float, p_student: int,
                    p_teacher: int) -> float:
     """FLOPs of one step with ``tokens`` completion tokens (see the module docstring)."""
@@ -325,15 +288,6 @@ def claims(result: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(values: list, scale: float = 1.0, digits: int = 3) -> str:
-    n_none = sum(v is None for v in values)
-    m, sd = mean_std([None if v is None else v / scale for v in values])
-    if m is None:
-        return "never"
-    text = f"{m:.{digits}f} ± {sd:.{digits}f}"
-    return text + (f" ({len(values) - n_none}/{len(values)})" if n_none else "")
-
-
 def tables(result: dict) -> str:
     """The Markdown tables: one per setting."""
     out = []
@@ -347,20 +301,29 @@ def tables(result: dict) -> str:
                 "KL/token | entropy | outside support | success there |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for m in s["methods"]:
+            gflops = [None if x is None else x / 1e9 for x in m["flops_to_target"]]
             out.append(" | ".join([
-                f"| {m['method']}", _fmt(m["samples_to_target"], digits=0), _fmt(m["seconds_to_target"], digits=1),
-                _fmt(m["flops_to_target"], 1e9, 2), _fmt(m["final_pass@1"]), _fmt(m["final_pass@k"]),
-                _fmt(m["final_kl"]), _fmt(m["entropy"]), _fmt(m["off_support"], digits=2),
-                _fmt(m["off_support_success"], digits=2)]) + " |")
+                f"| {m['method']}", fmt(m["samples_to_target"], 0), fmt(m["seconds_to_target"], 1), fmt(gflops, 2),
+                fmt(m["final_pass@1"]), fmt(m["final_pass@k"]), fmt(m["final_kl"]), fmt(m["entropy"]),
+                fmt(m["off_support"], 2), fmt(m["off_support_success"], 2)]) + " |")
         out.append("")
     return "\n".join(out)
 
 
-def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
-    """The README's demo section, generated from demo.json (a test keeps the README equal to it)."""
+def details(result: dict) -> str:
+    """The run's budget and the full tables (seconds and FLOPs too): the rest of ``OUT/demo.md``."""
+    run, n = result["run"], len(result["seeds"])
+    return (f"{n} seeds {result['seeds']}; {result['steps']} steps × {run['prompts_per_step'] * run['num_generations']} "
+            f"sequences, lr {run['lr']}; {result['eval_prompts']} held-out prompts × {run['eval_samples']} samples; "
+            f"pass@k with k = {run['pass_k']}; mean ± std over seeds, (k/{n}) when only k reached the target (the mean "
+            f"is over those); wall time {result['wall_s']:.0f} s.\n\n" + tables(result))
+
+
+def docs_block(result: dict, results_dir: str) -> str:
+    """The docs' demo block, generated from demo.json (a test keeps docs/results.md equal to it)."""
     run = result["run"]
     n = len(result["seeds"])
-    lines = [f"What `python -m opd_mini.demo` measured ({n} seeds, {result['steps']} steps × "
+    lines = [f"What `python -m opd_mini.experiments demo` measured ({n} seeds, {result['steps']} steps × "
              f"{run['prompts_per_step'] * run['num_generations']} sequences per run, lr {run['lr']}, "
              f"{'LoRA' if run['lora'] else 'full fine-tuning'}; {result['wall_s']:.0f} s on {result['cpus']} CPU cores; "
              f"every number is in `{results_dir}/demo.json`). Mean ± standard deviation over seeds; the target is "
@@ -375,35 +338,30 @@ def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
                   "| method | sequences to target | final pass@1 | pass@k | entropy | outside teacher's support | "
                   "success there |", "|---|---|---|---|---|---|---|"]
         for m in s["methods"]:
-            lines.append(" | ".join([f"| {m['method']}", _fmt(m["samples_to_target"], digits=0),
-                                     _fmt(m["final_pass@1"]), _fmt(m["final_pass@k"]), _fmt(m["entropy"]),
-                                     _fmt(m["off_support"], digits=2), _fmt(m["off_support_success"], digits=2)]) + " |")
+            lines.append(" | ".join([f"| {m['method']}", fmt(m["samples_to_target"], 0), fmt(m["final_pass@1"]),
+                                     fmt(m["final_pass@k"]), fmt(m["entropy"]), fmt(m["off_support"], 2),
+                                     fmt(m["off_support_success"], 2)]) + " |")
         lines.append("")
     speed, above = result["claims"]["opd_3x_fewer_than_sft_and_5x_fewer_than_grpo"], \
         result["claims"]["opd_above_noisy_teacher_every_seed"]
     ratios = [f"{c['setting']}/{c['method']} {c['vs_sft']:.2f}× and {c['vs_grpo']:.2f}×" + (" (at least)" if c["censored"]
               else "") for c in speed["cases"]]
     lines.append(f"- **OPD needs ≥ 3× fewer student samples than SFT and ≥ 5× fewer than GRPO in some setting: "
-                 f"{'holds' if speed['holds'] else 'does not hold'}.** SFT's and GRPO's sequences to the target divided "
+                 f"{toolkit.verdict(speed)}.** SFT's and GRPO's sequences to the target divided "
                  f"by OPD's, for the OPD variants that reached it on every seed (a seed that never reached it counts "
                  f"as the whole budget): {'; '.join(ratios) or 'no OPD variant reached it on every seed'}.")
     best = max(above["cases"], key=lambda c: c["smallest_margin"], default=None)
     if best is not None:
         pairs = ", ".join(f"{p:.3f} vs {t:.3f}" for p, t in zip(best["final_pass@1"], best["teacher_pass@1"]))
-        lines.append(f"- **An OPD student above the noisy teacher on every seed: "
-                     f"{'holds' if above['holds'] else 'does not hold'}.** Closest OPD variant (the reward mix "
-                     f"aside), {best['method']}, against the teacher on each seed's prompts: {pairs}.")
+        lines.append(f"- **An OPD student above the noisy teacher on every seed: {toolkit.verdict(above)}.** Closest "
+                     f"OPD variant (the reward mix aside), {best['method']}, against the teacher on each seed's prompts: "
+                     f"{pairs}.")
     return "\n".join(lines)
 
 
 def figure(result: dict, path: Path) -> None:
     """pass@1 against student sequences, one panel per setting, mean ± one standard deviation over seeds."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = toolkit.pyplot()
     settings = result["settings"]
     cols = min(2, len(settings))
     rows = -(-len(settings) // cols)
@@ -412,18 +370,12 @@ def figure(result: dict, path: Path) -> None:
         ax.set_visible(False)
     for ax, s in zip(axes.flat, settings):
         for m in s["methods"]:
-            x = m["curve"]["sequences"]
-            ys = torch.tensor(m["curve"]["pass@1"])
-            mu, sd = ys.mean(0), (ys.std(0) if len(ys) > 1 else torch.zeros(len(x)))
-            style = "-" if m["method"].startswith("opd") else "--"
-            line, = ax.plot(x, mu, style, label=m["method"], lw=1.5)
-            ax.fill_between(x, mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
+            toolkit.band(ax, m["curve"]["sequences"], m["curve"]["pass@1"],
+                         ls="-" if m["method"].startswith("opd") else "--", **toolkit.style(m["method"]))
         ax.axhline(s["teacher_pass@1"], color="k", lw=1, label="teacher (sampled)")
         ax.axhline(s["target_pass@1"], color="k", lw=0.8, ls=":", label="target")
-        ax.set_title(f"{s['name']} ({s['task']})")
-        ax.set_xlabel("student sequences")
-        ax.set_ylabel("pass@1 (evaluation prompts)")
-        ax.set_ylim(0, 1)
+        ax.set(title=f"{s['name']} ({s['task']})", xlabel="student sequences", ylabel="pass@1 (evaluation prompts)",
+               ylim=(0, 1))
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.7 / (3.6 * rows + 0.6), 1, 1))
@@ -436,54 +388,22 @@ def figure(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_pool(fn, jobs: list[dict], workers: int, desc: str = "", progress: bool = False) -> list:
-    """``[fn(job) for job in jobs]`` in ``workers`` spawned processes (results in completion order, with a
-    progress bar when ``progress``); one process runs them here, in order."""
-    from tqdm.auto import tqdm
-
-    if workers <= 1:
-        return [fn(job) for job in tqdm(jobs, desc=desc, disable=not progress)]
-    # concurrent.futures rather than multiprocessing.Pool: a worker that dies (e.g. out of memory) raises
-    # BrokenProcessPool here instead of leaving the pool waiting for it forever
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, job) for job in jobs]
-        try:
-            return [f.result() for f in tqdm(as_completed(futures), total=len(jobs), desc=desc, disable=not progress)]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # the first failure ends the experiment: drop the runs not started
-            raise
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", default=None, help=f"comma-separated, from {', '.join(SETTING_NAMES)} (default: all; "
+                   f"--quick: {','.join(SCALES['quick']['settings'])})")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all; "
+                   f"--quick: {','.join(SCALES['quick']['methods'])})")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate of every run (default {RUN['lr']})")
 
 
-def parse_names(text: str, valid, what: str) -> list[str]:
-    """The comma-separated names in ``text``, each one of ``valid`` (else one error naming the --flag)."""
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in names if x not in valid]
-    if bad or not names:
-        raise ValueError(f"--{what} must name some of {', '.join(valid)}; got {text!r}")
-    return names
+def run(args: argparse.Namespace) -> dict:
+    from opd_mini.experiments.worlds import ensure_setting, get_setting
 
-
-def run_demo(args: argparse.Namespace) -> int:
-    from opd_mini.worlds import ensure_setting, get_setting
-
-    scale = dict(SCALES["quick" if args.quick else "full"])
-    settings = parse_names(args.settings, SETTING_NAMES, "settings") if args.settings else list(SETTING_NAMES)
-    methods = parse_names(args.methods, METHODS, "methods") if args.methods else list(scale["methods"])
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds needs distinct seeds, at least one, e.g. 0,1,2; got {args.seeds!r}")
+    scale_name, scale, seeds, steps = toolkit.budget(args, SCALES)
+    settings = toolkit.parse_names(args.settings, SETTING_NAMES, "settings", default=scale["settings"])
+    methods = toolkit.parse_names(args.methods, METHODS, "methods", default=scale["methods"])
     lr = RUN["lr"] if args.lr is None else args.lr
-    steps = scale["steps"] if args.steps is None else args.steps
-    if steps < 1:
-        raise ValueError(f"steps={steps} is out of range: --steps must be >= 1")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    eval_every = min(scale["eval_every"], steps)
     out = Path(args.out)
-    t0 = time.perf_counter()
 
     jobs, setting_jobs, meta = [], [], {}
     for name in settings:
@@ -495,66 +415,41 @@ def run_demo(args: argparse.Namespace) -> int:
                              "eval_prompts": scale["eval_prompts"], "seeds": seeds})
         for method in methods:
             for seed in seeds:
-                config = {**TrainConfig().to_dict(), **RUN, "student": paths["student"], "teacher": paths["teacher"],
-                          "tokenizer": paths["tokenizer"], "task": s.task, "max_new_tokens": s.max_new_tokens,
-                          "steps": steps, "eval_every": eval_every, "eval_prompts": scale["eval_prompts"],
-                          "loss": METHODS[method], "seed": seed, "lr": lr,
-                          "out_dir": str(out / "runs" / f"{name}-{method}-seed{seed}")}
-                TrainConfig(**config).validate()
+                config = toolkit.run_config(
+                    RUN, student=paths["student"], teacher=paths["teacher"], tokenizer=paths["tokenizer"], task=s.task,
+                    max_new_tokens=s.max_new_tokens, steps=steps, eval_every=min(scale["eval_every"], steps),
+                    eval_prompts=scale["eval_prompts"], loss=METHODS[method], seed=seed, lr=lr,
+                    out_dir=str(out / "runs" / f"{name}-{method}-seed{seed}"))
                 jobs.append({"setting": name, "method": method, "config": config})
 
     print(f"demo: {len(settings)} setting(s) × {len(methods)} method(s) × {len(seeds)} seed(s) = {len(jobs)} runs of "
           f"{steps} steps in {args.workers} process(es)", file=sys.stderr)
-    setting_results = {r["setting"]: r for r in run_pool(setting_job, setting_jobs, args.workers)}
-    runs = run_pool(run_job, jobs, args.workers, desc="demo runs", progress=not args.no_progress)
+    done = toolkit.run_pool(None, [(setting_job, j) for j in setting_jobs] + [(run_job, j) for j in jobs], args.workers,
+                            desc="demo", progress=not args.no_progress)
+    setting_results = {r["setting"]: r for r in done if "teacher_params" in r}
+    runs = [r for r in done if "evals" in r]
 
-    result = {"scale": "quick" if args.quick else "full", "steps": steps, "seeds": seeds, "methods": methods,
-              "run": {**RUN, "lr": lr}, "cpus": os.cpu_count(), "gap_fraction": scale["gap_fraction"], "settings": []}
+    result = {"scale": scale_name, "steps": steps, "seeds": seeds, "methods": methods,
+              "run": {**RUN, "lr": lr}, "cpus": toolkit.cpus(), "gap_fraction": scale["gap_fraction"],
+              "eval_prompts": scale["eval_prompts"], "settings": []}
     for name in settings:
-        prompt_len = setting_results[name]["prompt_tokens"]
         result["settings"].append(aggregate({**setting_results[name], **meta[name]},
-                                            [r for r in runs if r["setting"] == name], methods, seeds, prompt_len,
-                                            scale["gap_fraction"]))
+                                            [r for r in runs if r["setting"] == name], methods, seeds,
+                                            setting_results[name]["prompt_tokens"], scale["gap_fraction"]))
     result["claims"] = claims(result)
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-
-    text = (f"{len(seeds)} seeds {seeds}; {steps} steps × {RUN['prompts_per_step'] * RUN['num_generations']} "
-            f"sequences, lr {result['run']['lr']}; {scale['eval_prompts']} held-out prompts × {RUN['eval_samples']} "
-            f"samples; pass@k with k = {RUN['pass_k']}; mean ± std over seeds, (k/{len(seeds)}) when only k reached "
-            f"the target (the mean is over those); wall time {result['wall_s']:.0f} s.\n\n" + tables(result))
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.md").write_text(text)
-    (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
-    figure(result, out / "demo.png")
-    print(f"written: {out / 'demo.json'}, {out / 'demo.md'}, {out / 'demo.png'}")
-    if all(all(x is None for m in s["methods"] for x in m["samples_to_target"]) for s in result["settings"]):
-        raise ValueError(f"no method reached its target (pass@1 {scale['gap_fraction']:.0%} of the way to the teacher's) in any "
-                         f"setting within {steps} steps: raise --steps (results are written to {out})")
-    return 0
+    return result
 
 
-def experiment_parser(prog: str, description: str, quick_help: str, out: str) -> argparse.ArgumentParser:
-    """The flags every multi-run experiment shares: --quick, --seeds, --steps, --workers, --out, --no-progress."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the scale's)")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
-    p.add_argument("--out", default=out, help="output directory")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def failure(result: dict) -> str | None:
+    """A budget in which no method reached its target answers nothing: say so (exit code 2)."""
+    if all(x is None for s in result["settings"] for m in s["methods"] for x in m["samples_to_target"]):
+        return (f"no method reached its target (pass@1 {result['gap_fraction']:.0%} of the way to the teacher's) in "
+                f"any setting within {result['steps']} steps: raise --steps")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = experiment_parser("python -m opd_mini.demo", __doc__.split("\n\n")[0],
-                          "the small budget (about 2 minutes on 2 cores)", "runs/demo")
-    p.add_argument("--settings", default=None, help=f"comma-separated, from {', '.join(SETTING_NAMES)} (default: all)")
-    p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all; "
-                   f"--quick: {','.join(SCALES['quick']['methods'])})")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate of every run (default {RUN['lr']})")
-    args = p.parse_args(argv)
-    return run_cli(lambda: run_demo(args))
+    return toolkit.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """On-policy self-distillation with privileged context (OPSD) against plain OPD and SFT, on a tiny walker.
 
-    python -m opd_mini.opsd [--quick] [--seeds 0,1,2] [--steps N] [--workers 2] [--out runs/opsd]
+    python -m opd_mini.experiments opsd [--quick] [--seeds 0,1,2] [--steps N] [--workers 2] [--out runs/opsd]
 
 In OPSD the teacher is the student itself, but its prompt holds privileged information: here the
 reference answer, through the template ``'{prompt} (the answer is {answer})'``
-(:data:`opd_mini.worlds.PRIVILEGED_TEMPLATE`). It scores the student's own rollout behind that prompt. With
+(:data:`opd_mini.experiments.worlds.PRIVILEGED_TEMPLATE`). It scores the student's own rollout behind that prompt. With
 a LoRA student and ``--teacher self`` the teacher is the adapter-disabled base: no second copy.
 
 **Does the base use the privileged prompt at all?** A tiny model never trained with such prompts ignores
 them, or worse: the ``compounding`` walk student's sampled pass@1 falls from 0.3-0.4 behind its own
 prompt to under 0.1 behind the privileged one (measured again by every run of this command and
-written to the JSON). So the student here is the ``privileged`` setting's (:mod:`opd_mini.worlds`): a
+written to the JSON). So the student here is the ``privileged`` setting's (:mod:`opd_mini.experiments.worlds`): a
 walk student warm-started like the compounding one, but with four fifths of its warm-up prompts
 privileged; behind the privileged prompt its pass@1 is well above its plain one.
 
@@ -35,21 +35,23 @@ does); the shares of Σ |r_t| are given beside them.
 
 ``walk:10`` has only 90 distinct prompts, so the measured prompts are also training prompts.
 
-Writes ``OUT/opsd.json`` and ``OUT/opsd.png``; prints the Markdown table. Runs go to ``OUT/runs`` in
+Writes ``OUT/opsd.json``, ``OUT/opsd.md`` (the table and the claims) and ``OUT/opsd.png``. Runs go to ``OUT/runs`` in
 ``--workers`` processes, one torch thread each.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from opd_mini.config import TrainConfig, run_cli
+from opd_mini.experiments import toolkit
+from opd_mini.experiments.toolkit import fmt, mean, mean_std
+
+NAME = "opsd"
+QUICK_HELP = "the small budget (under a minute; the tests use it)"
 
 #: The per-token clipping of ``opsd_clipped``: r_t is clipped to [−CLIP, CLIP] (chosen before any run).
 CLIP = 1.0
@@ -131,13 +133,13 @@ def measure(model, tokenizer, task, examples: list, scorer, *, max_new_tokens: i
 
     r = sample(model, tokenizer, [e.prompt for e in examples], num_generations=SAMPLES, max_new_tokens=max_new_tokens,
                temperature=1.0, seed=seed, behaviour_logp="forward")
-    index = r.prompt_index.tolist()
+    index = r.prompt_index_B.tolist()
     rewards = torch.tensor(task.rewards(r.completions, [examples[i] for i in index])).view(len(examples), SAMPLES)
     correct = rewards.sum(1).long().tolist()
-    mask = r.completion_mask
+    mask = r.mask_BT
     logp_BTV = torch.log_softmax(completion_logits(model, r, len(tokenizer)).float(), dim=-1)
     entropy_BT = -(logp_BTV.exp() * logp_BTV).nan_to_num(0.0).sum(-1)
-    r_BT = (r.behaviour_logp.float() - scorer(r).float().cpu()) * mask
+    r_BT = (r.behaviour_logp_BT.float() - scorer(r).float().cpu()) * mask
     answer_ids = {i for e in task.examples(256, seed=0) for i in tokenizer(e.answer, add_special_tokens=False)["input_ids"]}
     return {
         "pass@1": sum(pass_at_k(SAMPLES, c, 1) for c in correct) / len(correct),
@@ -145,7 +147,7 @@ def measure(model, tokenizer, task, examples: list, scorer, *, max_new_tokens: i
         "entropy": float(entropy_BT[mask].mean()), "diversity": distinct_per_prompt(r.completions, index),
         "kl": float(r_BT[mask].sum() / mask.sum()), "completion_len": float(mask.sum(1).float().mean()),
         "by_position": log_ratio_shares(r_BT, mask, torch.arange(r_BT.shape[1]).expand_as(r_BT), max_new_tokens),
-        "by_kind": log_ratio_shares(r_BT, mask, token_kinds(r.completion_ids, answer_ids, tokenizer.eos_token_id),
+        "by_kind": log_ratio_shares(r_BT, mask, token_kinds(r.tokens_BT, answer_ids, tokenizer.eos_token_id),
                                     len(KINDS)),
     }
 
@@ -156,15 +158,15 @@ def privileged_scorer(model, tokenizer, examples: list, template: str, *, disabl
     from opd_mini.teacher import score
 
     prompts = [template.format(prompt=e.prompt, answer=e.answer) for e in examples]
-    return lambda r: score(model, with_prompts(r, tokenizer, prompts), vocab_size=len(tokenizer),
-                           disable_adapter=disable_adapter).sampled_logp
+    return lambda r: score(model, r, view=with_prompts(r, tokenizer, prompts), vocab_size=len(tokenizer),
+                           disable_adapter=disable_adapter).teacher_logp_BT
 
 
 def model_scorer(model, tokenizer):
     """log q of the sampled tokens, q = ``model`` behind the student's own prompt."""
     from opd_mini.teacher import score
 
-    return lambda r: score(model, r, vocab_size=len(tokenizer)).sampled_logp
+    return lambda r: score(model, r, vocab_size=len(tokenizer)).teacher_logp_BT
 
 
 @torch.no_grad()
@@ -173,17 +175,16 @@ def privileged_check(path: str, tokenizer, task, examples: list, template: str, 
     """Does the model behind the privileged prompt score the right answer higher? Mean log-prob of the
     reference answer (EOS included), the fraction of prompts where it is higher behind the privileged prompt,
     and sampled pass@1 (4 samples per prompt) behind each prompt."""
-    from opd_mini.demo import load_frozen
     from opd_mini.sampler import build_rollouts, sample
 
-    model = load_frozen(path)
+    model = toolkit.load_frozen(path)
     out, logps = {}, {}
     for name, tmpl in (("plain", "{prompt}"), ("privileged", template)):
         prompts = [tmpl.format(prompt=e.prompt, answer=e.answer) for e in examples]
         logps[name] = model_scorer(model, tokenizer)(build_rollouts(tokenizer, prompts, [e.answer for e in examples])).sum(1)
         s = sample(model, tokenizer, prompts, num_generations=4, max_new_tokens=max_new_tokens, seed=seed)
         out[f"{name}_answer_logp"] = float(logps[name].mean())
-        out[f"{name}_pass@1"] = sum(task.rewards(s.completions, [examples[i] for i in s.prompt_index.tolist()])) / len(
+        out[f"{name}_pass@1"] = sum(task.rewards(s.completions, [examples[i] for i in s.prompt_index_B.tolist()])) / len(
             s.completions)
     out["answer_logp_higher_frac"] = float((logps["privileged"] > logps["plain"]).float().mean())
     return out
@@ -196,38 +197,28 @@ def privileged_check(path: str, tokenizer, task, examples: list, template: str, 
 
 def run_job(job: dict) -> dict:
     """Train one (method, seed), then measure the start model and the final one against the method's teacher."""
-    import shutil
-
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from opd_mini.demo import load_frozen, quiet_worker
     from opd_mini.eval import held_out_examples
     from opd_mini.tasks import get_task
-    from opd_mini.train import train
 
-    quiet_worker()
-    cfg = TrainConfig(**job["config"])
-    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the experiment owns its run directories
-    summary = train(cfg)
-    log = [json.loads(line) for line in Path(summary["metrics_path"]).read_text().splitlines() if line.strip()]
-    clip = [r["opd/clip_frac"] for r in log if "opd/clip_frac" in r]
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    task = get_task(cfg.task)
-    examples = held_out_examples(task, job["measure_prompts"], cfg.seed)
-    start = load_frozen(cfg.student)
-    end = PeftModel.from_pretrained(load_frozen(cfg.student), str(Path(summary["checkpoint"]) / "model")).eval()
-    if cfg.teacher == "self":
-        q_start = privileged_scorer(start, tokenizer, examples, cfg.teacher_template, disable_adapter=False)
-        q_end = privileged_scorer(end, tokenizer, examples, cfg.teacher_template, disable_adapter=True)
+    c = job["config"]
+    summary = toolkit.train_run(c, f"{job['method']} / seed {c['seed']}")
+    clip = [r["opd/clip_frac"] for r in summary["log"] if "opd/clip_frac" in r]
+    tokenizer = AutoTokenizer.from_pretrained(c["tokenizer"])
+    task = get_task(c["task"])
+    examples = held_out_examples(task, job["measure_prompts"], c["seed"])
+    start = toolkit.load_frozen(c["student"])
+    end = toolkit.load_frozen(c["student"], str(Path(summary["checkpoint"]) / "model"))
+    if c["teacher"] == "self":
+        q_start = privileged_scorer(start, tokenizer, examples, c["teacher_template"], disable_adapter=False)
+        q_end = privileged_scorer(end, tokenizer, examples, c["teacher_template"], disable_adapter=True)
     else:
-        teacher = load_frozen(cfg.teacher)
-        q_start = q_end = model_scorer(teacher, tokenizer)
-    kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    return {"method": job["method"], "seed": cfg.seed,
-            "steps": [h["step"] for h in summary["eval_history"]],
-            "pass@1_curve": [h["eval/pass@1"] for h in summary["eval_history"]],
-            "clip_frac": sum(clip) / len(clip) if clip else None, "train_s": summary["train_time_s"],
+        q_start = q_end = model_scorer(toolkit.load_frozen(c["teacher"]), tokenizer)
+    kw = dict(max_new_tokens=c["max_new_tokens"], seed=c["seed"])
+    curve = toolkit.curves(summary, "pass@1")
+    return {"method": job["method"], "seed": c["seed"], "steps": curve["steps"], "pass@1_curve": curve["pass@1"],
+            "clip_frac": mean(clip), "train_s": summary["train_time_s"],
             "start": measure(start, tokenizer, task, examples, q_start, **kw),
             "end": measure(end, tokenizer, task, examples, q_end, **kw)}
 
@@ -237,11 +228,6 @@ def run_job(job: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 SCALARS = ("pass@1", f"pass@{K}", "entropy", "diversity", "kl", "completion_len")
-
-
-def mean_sd(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
 
 
 def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
@@ -262,11 +248,11 @@ def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
 
 
 def _m(entry: dict, when: str, key: str) -> float:
-    return mean_sd(entry[when][key])[0]
+    return mean(entry[when][key])
 
 
 def _share(entry: dict, when: str, split: str, i: int, key: str = "share") -> float:
-    return mean_sd([s[i] for s in entry[when][split][key]])[0]
+    return mean([s[i] for s in entry[when][split][key]])
 
 
 def claims(result: dict) -> dict:
@@ -292,12 +278,7 @@ def claims(result: dict) -> dict:
 
 
 def _token_share(entry: dict, when: str, kind: int) -> float:
-    return mean_sd([c[kind] / sum(c) for c in entry[when]["by_kind"]["count"]])[0]
-
-
-def _cell(xs: list[float], digits: int = 3) -> str:
-    m, sd = mean_sd(xs)
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+    return mean([c[kind] / sum(c) for c in entry[when]["by_kind"]["count"]])
 
 
 def table(result: dict) -> str:
@@ -307,28 +288,30 @@ def table(result: dict) -> str:
             + " | ".join(f"share of Σr on {k} (start → end)" for k in kinds) + " |")
     lines = [head, "|---" * (6 + len(kinds)) + "|"]
     first = result["methods"][0]
-    lines.append(f"| start (π₀) | {_cell(first['start']['pass@1'])} | {_cell(first['start'][f'pass@{K}'])} | "
-                 f"{_cell(first['start']['entropy'])} | {_cell(first['start']['diversity'], 2)} | "
+    lines.append(f"| start (π₀) | {fmt(first['start']['pass@1'])} | {fmt(first['start'][f'pass@{K}'])} | "
+                 f"{fmt(first['start']['entropy'])} | {fmt(first['start']['diversity'], 2)} | "
                  + " | ".join(["—"] * (1 + len(kinds))) + " |")
     for e in result["methods"]:
         shares = " | ".join(f"{_share(e, 'start', 'by_kind', i):.2f} → {_share(e, 'end', 'by_kind', i):.2f}"
                             for i in range(len(kinds)))
-        lines.append(f"| {e['method']} | {_cell(e['end']['pass@1'])} | {_cell(e['end'][f'pass@{K}'])} | "
-                     f"{_cell(e['end']['entropy'])} | {_cell(e['end']['diversity'], 2)} | "
-                     f"{_cell(e['start']['kl'])} → {_cell(e['end']['kl'])} | {shares} |")
+        lines.append(f"| {e['method']} | {fmt(e['end']['pass@1'])} | {fmt(e['end'][f'pass@{K}'])} | "
+                     f"{fmt(e['end']['entropy'])} | {fmt(e['end']['diversity'], 2)} | "
+                     f"{fmt(e['start']['kl'])} → {fmt(e['end']['kl'])} | {shares} |")
     return "\n".join(lines)
 
 
-def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
-    """The README's OPSD block, generated from opsd.json."""
+def docs_block(result: dict, results_dir: str) -> str:
+    """The docs' OPSD block, generated from opsd.json (the table alone when not every method ran)."""
+    if not result["claims"]:
+        return table(result)
     chk, ctl = result["privileged_check"]["student"], result["privileged_check"]["control"]
     c = result["claims"]
-    word = lambda name: "holds" if c[name]["holds"] else "does not hold"  # noqa: E731
+    word = lambda name: toolkit.verdict(c[name])  # noqa: E731
     by = {e["method"]: e for e in result["methods"]}
     peak = lambda e, when: max(range(len(e[when]["by_position"]["share"][0])),  # noqa: E731
                                key=lambda t: _share(e, when, "by_position", t))
     lines = [
-        f"On-policy self-distillation with privileged context (`python -m opd_mini.opsd`; `{results_dir}/opsd.json`): "
+        f"On-policy self-distillation with privileged context (`python -m opd_mini.experiments opsd`; `{results_dir}/opsd.json`): "
         f"the teacher is the student's own base behind the prompt `{result['template']}`. First, does the base read "
         f"the privileged prompt? A walk student that never saw such prompts does not: its sampled pass@1 goes from "
         f"{ctl['plain_pass@1']:.3f} behind its own prompt to {ctl['privileged_pass@1']:.3f} behind the privileged one "
@@ -351,7 +334,7 @@ def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
         f"drops in every seed: **{word('opsd_diversity_drops_every_seed')}**; plain OPD from the expert ends above "
         f"OPSD: **{word('opd_beats_opsd_pass@1')}**; at the start OPSD's KL on EOS exceeds EOS's share of the tokens: "
         f"**{word('opsd_kl_share_on_eos_exceeds_its_token_share_at_start')}**. Clipping touched "
-        f"{mean_sd([x for x in by['opsd_clipped']['clip_frac'] if x is not None] or [0.0])[0]:.1%} of the tokens.",
+        f"{mean(by['opsd_clipped']['clip_frac']) or 0.0:.1%} of the tokens.",
         "", f"![OPSD, OPD and SFT: pass@1, diversity and where the KL sits]({results_dir}/opsd.png)"]
     return "\n".join(lines)
 
@@ -359,21 +342,13 @@ def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
 def figure(result: dict, path: Path) -> None:
     """Four panels: pass@1 against steps (the two teachers' pass@1 dotted); pass@1, pass@k and diversity at the end; the share of Σ r_t by
     completion position, start (dashed) and end; the share by token kind, start and end."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = toolkit.pyplot()
     methods = result["methods"]
     colors = {e["method"]: f"C{i}" for i, e in enumerate(methods)}
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
     a = ax[0][0]
     for e in methods:
-        curves = torch.tensor(e["pass@1_curves"])
-        mu, sd = curves.mean(0), (curves.std(0) if len(curves) > 1 else torch.zeros(curves.shape[1]))
-        a.plot(e["steps"], mu, color=colors[e["method"]], label=e["method"], lw=1.6)
-        a.fill_between(e["steps"], mu - sd, mu + sd, color=colors[e["method"]], alpha=0.15)
+        toolkit.band(a, e["steps"], e["pass@1_curves"], e["method"], color=colors[e["method"]])
     a.axhline(result["teacher_pass@1"], color="k", ls=":", lw=1, label="walk expert (opd, sft's teacher)")
     a.axhline(result["privileged_check"]["student"]["privileged_pass@1"], color=colors["opsd"], ls=":", lw=1,
               label="π₀ behind the privileged prompt (opsd's teacher)")
@@ -386,8 +361,8 @@ def figure(result: dict, path: Path) -> None:
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         e, when = (methods[0], "start") if name == "start" else (next(m for m in methods if m["method"] == name), "end")
-        vals = [mean_sd(e[when][k])[0] / (result["samples"] if k == "diversity" else 1) for k in keys]
-        sds = [mean_sd(e[when][k])[1] / (result["samples"] if k == "diversity" else 1) for k in keys]
+        vals, sds = zip(*(mean_std([x / (result["samples"] if k == "diversity" else 1) for x in e[when][k]])
+                          for k in keys))
         a.bar([i + j * width for i in range(len(keys))], vals, width, yerr=sds, label=name,
               color="0.6" if name == "start" else colors[name])
     a.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(keys))],
@@ -421,9 +396,7 @@ def figure(result: dict, path: Path) -> None:
     a.axhline(0, color="k", lw=0.6)
     a.set(ylabel="share of Σ r_t", title="where the KL sits: token kind (outlined = end)")
     a.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toolkit.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,48 +404,29 @@ def figure(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_experiment(args: argparse.Namespace) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+
+
+def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
-    from opd_mini.demo import parse_names, run_pool
     from opd_mini.eval import held_out_examples
+    from opd_mini.experiments.worlds import PRIVILEGED_TEMPLATE, accuracies, ensure_setting
     from opd_mini.tasks import get_task
-    from opd_mini.worlds import PRIVILEGED_TEMPLATE, accuracies, ensure_setting
 
-    scale = SCALES["quick" if args.quick else "full"]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds needs distinct integers >= 0, at least one, e.g. 0,1,2; got {args.seeds!r}")
-    steps = scale["steps"] if args.steps is None else args.steps
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    methods = parse_names(args.methods, METHODS, "methods") if args.methods else list(METHODS)
+    scale_name, scale, seeds, steps = toolkit.budget(args, SCALES)
+    methods = toolkit.parse_names(args.methods, METHODS, "methods")
     if "opsd" not in methods:
         raise ValueError("--methods must include opsd (the experiment's subject)")
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    out = Path(args.out)
-    t0 = time.perf_counter()
     paths = ensure_setting(SETTING, progress=False)
     control = ensure_setting(CONTROL_SETTING, progress=False)
     names = {"teacher": paths["teacher"], "template": PRIVILEGED_TEMPLATE}
-    jobs = []
-    for name in methods:
-        fields = {k: (v.format(**names) if isinstance(v, str) else v) for k, v in METHODS[name].items()}
-        for seed in seeds:
-            config = {**TrainConfig().to_dict(), **RUN, **fields, "student": paths["student"],
-                      "tokenizer": paths["tokenizer"], "seed": seed, "steps": steps,
-                      "eval_every": min(scale["eval_every"], steps), "eval_prompts": scale["eval_prompts"],
-                      "out_dir": str(out / "runs" / f"{name}-seed{seed}")}
-            TrainConfig(**config).validate()  # bad values stop here, before any run
-            jobs.append({"method": name, "config": config, "measure_prompts": scale["measure_prompts"]})
+    jobs = [{"method": name, "measure_prompts": scale["measure_prompts"], "config": toolkit.run_config(
+                RUN, toolkit.fill(METHODS[name], names), student=paths["student"], tokenizer=paths["tokenizer"],
+                seed=seed, steps=steps, eval_every=min(scale["eval_every"], steps), eval_prompts=scale["eval_prompts"],
+                out_dir=str(Path(args.out) / "runs" / f"{name}-seed{seed}"))}
+            for name in methods for seed in seeds]
 
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     task = get_task(TASK)
@@ -480,40 +434,24 @@ def run_experiment(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     check = {role: privileged_check(p, tokenizer, task, examples, PRIVILEGED_TEMPLATE, max_new_tokens=RUN["max_new_tokens"])
              for role, p in (("student", paths["student"]), ("control", control["student"]))}
-    from opd_mini.demo import load_frozen
-
-    teacher_acc = accuracies(load_frozen(paths["teacher"]), tokenizer, task, max_new_tokens=RUN["max_new_tokens"],
+    teacher_acc = accuracies(toolkit.load_frozen(paths["teacher"]), tokenizer, task, max_new_tokens=RUN["max_new_tokens"],
                              n=scale["measure_prompts"])["sampled"]
     print(f"opsd: {len(methods)} method(s) × {len(seeds)} seed(s) = {len(jobs)} runs of {steps} steps in "
           f"{args.workers} process(es)", file=sys.stderr)
-    runs = run_pool(run_job, jobs, args.workers, desc="opsd runs", progress=not args.no_progress)
+    runs = toolkit.run_pool(run_job, jobs, args.workers, desc="opsd runs", progress=not args.no_progress)
 
-    result = {"scale": "quick" if args.quick else "full", "seeds": seeds, "steps": steps, "setting": SETTING,
+    result = {"scale": scale_name, "seeds": seeds, "steps": steps, "setting": SETTING,
               "task": TASK, "template": PRIVILEGED_TEMPLATE, "clip": CLIP, "samples": SAMPLES, "k": K,
               "kinds": list(KINDS), "measure_prompts": scale["measure_prompts"],
-              "run": {**RUN, "student": f"{SETTING} student (opd_mini.worlds)"},
+              "run": {**RUN, "student": f"{SETTING} student (opd_mini.experiments.worlds)"},
               "method_fields": {m: METHODS[m] for m in methods}, "teacher_pass@1": teacher_acc,
               "privileged_check": check, "methods": aggregate(runs, methods)}
     result["claims"] = claims(result) if set(METHODS) <= set(methods) else {}
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "opsd.json").write_text(json.dumps(result, indent=1) + "\n")
-    figure(result, out / "opsd.png")
-    print(table(result) + "\n")
-    if result["claims"]:
-        print(readme_section(result, str(out)) + "\n")
-    print(f"wall time {result['wall_s']:.0f} s; written: {out / 'opsd.json'}, {out / 'opsd.png'}")
-    return 0
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    from opd_mini.demo import experiment_parser
-
-    p = experiment_parser("python -m opd_mini.opsd", __doc__.split("\n\n")[0],
-                          "the small budget (under a minute; the tests use it)", "runs/opsd")
-    p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    args = p.parse_args(argv)
-    return run_cli(lambda: run_experiment(args))
+    return toolkit.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

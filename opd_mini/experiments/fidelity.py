@@ -1,10 +1,10 @@
 """Teacher fidelity, measured: how far 8-bit and 4-bit teachers are from full precision, and what that costs OPD.
 
-    python -m opd_mini.fidelity [--quick] [--seeds 0,1,2] [--steps N] [--out runs/fidelity] [--workers 2]
+    python -m opd_mini.experiments fidelity [--quick] [--seeds 0,1,2] [--steps N] [--out runs/fidelity] [--workers 2]
 
 (Defaults: 5 seeds × 40 steps, under 5 minutes on 2 CPU cores; ``--quick``: 2 seeds × 6 steps, under a minute.)
 
-The ``compounding`` setting of :mod:`opd_mini.worlds` (a walk to a goal; a tiny trained teacher and a
+The ``compounding`` setting of :mod:`opd_mini.experiments.worlds` (a walk to a goal; a tiny trained teacher and a
 warm-started student sharing one character tokenizer) is loaded three times, its teacher in full
 precision (``none``), in LLM.int8 (``8bit``) and in NF4 with double quantization (``4bit``), through
 :func:`opd_mini.teacher.load_teacher`. Two measurements:
@@ -24,24 +24,25 @@ precision (``none``), in LLM.int8 (``8bit``) and in NF4 with double quantization
    with), and the paired difference of both from the full-precision teacher's run of the same seed.
 
 :func:`opd_mini.models.check_rendering` (run by the loop before its first update) checks that the text and tokens a teacher scores are the ones the student
-generated, rendered the teacher's way. Writes ``OUT/fidelity.json`` and ``OUT/fidelity.png`` and
-prints a Markdown table; :func:`readme_section` turns the JSON into the README's block.
+generated, rendered the teacher's way. Writes ``OUT/fidelity.json``, ``OUT/fidelity.md`` (the docs block:
+the table, and what each quantized teacher costs) and ``OUT/fidelity.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from opd_mini.config import TrainConfig, run_cli
-from opd_mini.demo import load_frozen
+from opd_mini.experiments import toolkit
+from opd_mini.experiments.toolkit import fmt, load_frozen, mean
+
+NAME = "fidelity"
+QUICK_HELP = "the small budget (2 seeds × 6 steps, under a minute on 2 cores; the tests use it)"
 
 #: The teacher versions, in the order they are reported: full precision first (the reference).
 VERSIONS = ("none", "8bit", "4bit")
@@ -76,22 +77,23 @@ def token_kl(p_logp_BTV: torch.Tensor, q_logp_BTV: torch.Tensor) -> torch.Tensor
 
 
 def compare_signals(reference, other, mask_BT: torch.Tensor) -> dict:
-    """How far ``other`` is from ``reference`` (two :class:`opd_mini.teacher.TeacherSignal` scored with
-    ``full=True`` on the same rollouts), over the masked-in positions of ``mask_BT``.
+    """How far ``other`` is from ``reference`` (two :class:`opd_mini.batch.Batch` of the same rollouts, scored by
+    :func:`opd_mini.teacher.score` with ``full=True``), over the masked-in positions of ``mask_BT``.
 
     Returns ``kl`` (mean per-token KL(reference ‖ other), exact over the vocabulary), ``kl_max``,
     ``kl_quantiles`` (50 / 90 / 99 %), ``kl_histogram`` (token counts in the bins of :data:`KL_LOG10_EDGES`),
     ``top1_agreement`` (fraction of positions whose argmax next token is the same), ``mean_abs_dlogq``
     (mean |log q_other(y_t) − log q_reference(y_t)| of the sampled token) and ``tokens``.
     """
-    if reference.full_logp is None or other.full_logp is None:
+    if reference.teacher_logp_BTV is None or other.teacher_logp_BTV is None:
         raise ValueError("compare_signals needs teacher signals scored with full=True")
-    mask = mask_BT.to(reference.full_logp.device).bool()
+    p_BTV, q_BTV = reference.teacher_logp_BTV, other.teacher_logp_BTV
+    mask = mask_BT.to(p_BTV.device).bool()
     if not mask.any():
         raise ValueError("the completion mask selects no token: there is nothing to compare")
-    kl = token_kl(reference.full_logp, other.full_logp)[mask]
-    agree = (reference.full_logp.argmax(-1) == other.full_logp.argmax(-1))[mask]
-    dlogq = (other.sampled_logp.double() - reference.sampled_logp.double()).abs()[mask]
+    kl = token_kl(p_BTV, q_BTV)[mask]
+    agree = (p_BTV.argmax(-1) == q_BTV.argmax(-1))[mask]
+    dlogq = (other.teacher_logp_BT.double() - reference.teacher_logp_BT.double()).abs()[mask]
     logs = kl.clamp(min=10 ** KL_LOG10_EDGES[0], max=10 ** KL_LOG10_EDGES[-1]).log10()
     edges = torch.tensor(KL_LOG10_EDGES, dtype=logs.dtype)
     bins = (torch.bucketize(logs, edges, right=True) - 1).clamp(0, len(KL_LOG10_EDGES) - 2)
@@ -129,14 +131,14 @@ def compare_teachers(teacher, student, tokenizer, prompts: list[str], *, version
     for version in versions:
         model = load_teacher(teacher, quantization=version, device=device)
         signals[version] = score(model, rollouts, vocab_size=V, full=True)
-        out[version] = compare_signals(signals[versions[0]], signals[version], rollouts.completion_mask)
+        out[version] = compare_signals(signals[versions[0]], signals[version], rollouts.mask_BT)
         if task is not None and examples is not None:
             own = sample(model, tokenizer, prompts, num_generations=num_generations, max_new_tokens=max_new_tokens,
                          seed=seed + 1, use_chat_template=use_chat_template)
-            rewards = task.rewards(own.completions, [examples[i] for i in own.prompt_index.tolist()])
+            rewards = task.rewards(own.completions, [examples[i] for i in own.prompt_index_B.tolist()])
             out[version]["teacher_pass@1"] = sum(rewards) / len(rewards)
         del model
-    return {"rollouts": int(rollouts.input_ids.shape[0]), "tokens": rollouts.num_tokens, "reference": versions[0],
+    return {"rollouts": int(rollouts.input_ids_BL.shape[0]), "tokens": rollouts.num_masked, "reference": versions[0],
             "versions": out}
 
 
@@ -151,20 +153,14 @@ def kl_to_teacher(student, teacher, tokenizer, prompts: list[str], *, num_genera
     r = sample(student, tokenizer, prompts, num_generations=num_generations, max_new_tokens=max_new_tokens, seed=seed,
                use_chat_template=use_chat_template)
     V = len(tokenizer)
-    kl = token_kl(score(student, r, vocab_size=V, full=True).full_logp, score(teacher, r, vocab_size=V, full=True).full_logp)
-    return float(kl[r.completion_mask].mean())
+    kl = token_kl(score(student, r, vocab_size=V, full=True).teacher_logp_BTV,
+                  score(teacher, r, vocab_size=V, full=True).teacher_logp_BTV)
+    return float(kl[r.mask_BT].mean())
 
 
 # --------------------------------------------------------------------------------------------
 # the jobs (worker processes)
 # --------------------------------------------------------------------------------------------
-
-
-def _quiet() -> None:
-    from opd_mini.demo import quiet_worker
-
-    quiet_worker()
-    _quiet_main()
 
 
 def compare_job(job: dict) -> dict:
@@ -174,7 +170,8 @@ def compare_job(job: dict) -> dict:
     from opd_mini.eval import held_out_examples
     from opd_mini.tasks import get_task
 
-    _quiet()
+    toolkit.quiet_worker()
+    quiet_bitsandbytes()
     task = get_task(job["task"])
     examples = held_out_examples(task, job["prompts"], job["seed"])
     out = compare_teachers(job["teacher"], load_frozen(job["student"]), AutoTokenizer.from_pretrained(job["tokenizer"]),
@@ -186,37 +183,28 @@ def compare_job(job: dict) -> dict:
 def run_job(job: dict) -> dict:
     """One OPD run with one teacher version and seed; then the final student's exact KL to the full-precision
     teacher (and the starting student's, for reference) on its own samples of the held-out prompts."""
-    import shutil
-
     from transformers import AutoTokenizer
 
     from opd_mini.eval import held_out_examples, held_out_seed
     from opd_mini.tasks import get_task
-    from opd_mini.train import train
 
-    _quiet()
-    cfg = TrainConfig(**job["config"])
-    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the experiment owns its run directories
-    try:
-        summary = train(cfg)
-    except ValueError as e:  # bad input: say which run
-        raise ValueError(f"{job['version']} teacher / seed {cfg.seed}: {e}") from None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    prompts = [e.prompt for e in held_out_examples(get_task(cfg.task), cfg.eval_prompts, cfg.seed)]
-    teacher = load_frozen(cfg.teacher)  # full precision, whatever the run trained with
-    kl = {name: kl_to_teacher(load_frozen(path), teacher, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                              seed=held_out_seed(cfg.seed) + 7)
-          for name, path in (("start", cfg.student), ("final", str(Path(summary["checkpoint"]) / "model")))}
-    return {"kind": "run", "version": job["version"], "seed": cfg.seed,
-            "steps": [h["step"] for h in summary["eval_history"]],
-            "pass@1": [h["eval/pass@1"] for h in summary["eval_history"]],
-            "pass@k": [h["eval/pass@k"] for h in summary["eval_history"]],
-            "kl_to_own_teacher": [h["eval/kl_reverse"] for h in summary["eval_history"]],
+    quiet_bitsandbytes()
+    c = job["config"]
+    summary = toolkit.train_run(c, f"{job['version']} teacher / seed {c['seed']}")
+    tokenizer = AutoTokenizer.from_pretrained(c["tokenizer"])
+    prompts = [e.prompt for e in held_out_examples(get_task(c["task"]), c["eval_prompts"], c["seed"])]
+    teacher = load_frozen(c["teacher"])  # full precision, whatever the run trained with
+    kl = {name: kl_to_teacher(load_frozen(path), teacher, tokenizer, prompts, max_new_tokens=c["max_new_tokens"],
+                              seed=held_out_seed(c["seed"]) + 7)
+          for name, path in (("start", c["student"]), ("final", str(Path(summary["checkpoint"]) / "model")))}
+    curve = toolkit.curves(summary, "pass@1", "pass@k", "kl_reverse")
+    return {"kind": "run", "version": job["version"], "seed": c["seed"], "steps": curve["steps"],
+            "pass@1": curve["pass@1"], "pass@k": curve["pass@k"], "kl_to_own_teacher": curve["kl_reverse"],
             "kl_to_full_start": kl["start"], "kl_to_full": kl["final"], "train_s": summary["train_time_s"]}
 
 
 # --------------------------------------------------------------------------------------------
-# aggregation, table, figure, README block
+# aggregation, table, figure, docs block
 # --------------------------------------------------------------------------------------------
 
 
@@ -239,13 +227,6 @@ def aggregate(runs: list[dict], versions: list[str], seeds: list[int]) -> dict:
     return out
 
 
-def _ms(values: list, digits: int = 3, signed: bool = False) -> str:
-    from opd_mini.demo import mean_std
-
-    m, sd = mean_std(values)
-    return f"{m:{'+' if signed else ''}.{digits}f} ± {sd:.{digits}f}"
-
-
 def _sci(x: float) -> str:
     return "0" if x == 0 else (f"{x:.4f}" if x >= 1e-3 else f"{x:.1e}")
 
@@ -257,23 +238,21 @@ def table(result: dict) -> str:
              "student pass@1 after OPD | Δ pass@1 vs full (paired) | student KL(π ‖ q_full) after OPD | "
              "Δ KL vs full (paired) |", "|---|---|---|---|---|---|---|---|---|"]
     for v in result["versions"]:
-        dp, dkl = ((_ms(o[v]["delta_pass@1"], signed=True), _ms(o[v]["delta_kl_to_full"], signed=True))
+        dp, dkl = ((fmt(o[v]["delta_pass@1"], signed=True), fmt(o[v]["delta_kl_to_full"], signed=True))
                    if v != "none" else ("—", "—"))
         lines.append(f"| {LABELS[v]} | {_sci(c[v]['kl'])} | {c[v]['top1_agreement']:.4f} | {_sci(c[v]['mean_abs_dlogq'])} | "
-                     f"{c[v]['teacher_pass@1']:.3f} | {_ms(o[v]['final_pass@1'])} | {dp} | {_ms(o[v]['kl_to_full'])} | {dkl} |")
+                     f"{c[v]['teacher_pass@1']:.3f} | {fmt(o[v]['final_pass@1'])} | {dp} | {fmt(o[v]['kl_to_full'])} | {dkl} |")
     return "\n".join(lines)
 
 
-def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
-    """The README's block of teacher-fidelity results, generated from fidelity.json."""
-    from opd_mini.demo import mean_std
-
+def docs_block(result: dict, results_dir: str) -> str:
+    """The docs' block of teacher-fidelity results, generated from fidelity.json."""
     run, t = result["run"], result["teachers"]
     n = len(result["seeds"])
     o = result["opd"]
     start_pass = sum(p[0] for p in o["none"]["pass@1"]) / n
     start_kl = sum(o["none"]["kl_to_full_start"]) / n
-    lines = [f"`python -m opd_mini.fidelity` loads the {result['setting']} setting's teacher in full precision, 8-bit "
+    lines = [f"`python -m opd_mini.experiments fidelity` loads the {result['setting']} setting's teacher in full precision, 8-bit "
              f"and 4-bit (bitsandbytes) and measures, on {t['rollouts']} of the student's own rollouts ({t['tokens']} "
              f"completion tokens), how far each is from full precision; then it trains the student with each "
              f"({run['loss']}, {result['steps']} steps × {run['prompts_per_step'] * run['num_generations']} sequences, "
@@ -282,7 +261,7 @@ def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
              f"pass@1 and KL(π ‖ q_full) on held-out prompts, mean ± std over seeds (the student starts at pass@1 "
              f"{start_pass:.3f} and KL {start_kl:.3f}):", "", table(result), "",
              f"![teacher fidelity and the students each teacher trains]({results_dir}/fidelity.png)", ""]
-    spread = mean_std(o["none"]["final_pass@1"])[1]
+    spread = toolkit.mean_std(o["none"]["final_pass@1"])[1]
     for v in result["versions"]:
         if v == t["reference"]:
             continue
@@ -290,7 +269,7 @@ def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
         lines.append(f"- **{LABELS[v]}**: the mean KL is carried by a tail (median {_sci(c['kl_quantiles']['50'])}, "
                      f"99th percentile {_sci(c['kl_quantiles']['99'])}, largest {_sci(c['kl_max'])} nats); the "
                      f"most likely next token differs on {1 - c['top1_agreement']:.1%} of the tokens. Paired by seed, "
-                     f"its students end {_ms(o[v]['delta_pass@1'], signed=True)} pass@1 from the full-precision "
+                     f"its students end {fmt(o[v]['delta_pass@1'], signed=True)} pass@1 from the full-precision "
                      f"teacher's (whose students' own spread over seeds is {spread:.3f}).")
     return "\n".join(lines)
 
@@ -298,14 +277,7 @@ def readme_section(result: dict, results_dir: str = "tutorials/results") -> str:
 def figure(result: dict, path: Path) -> None:
     """Three panels: the per-token KL of each quantized teacher from full precision (histogram), the student's
     pass@1 against steps with each teacher, and each student's final KL to the full-precision teacher."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from opd_mini.demo import mean_std
-
+    plt = toolkit.pyplot()
     colors = {"none": "#333333", "8bit": "#1f77b4", "4bit": "#d62728"}
     versions = result["versions"]
     c, o = result["teachers"]["versions"], result["opd"]
@@ -331,11 +303,7 @@ def figure(result: dict, path: Path) -> None:
 
     ax = axes[1]
     for v in versions:
-        steps = o[v]["steps"]
-        ys = torch.tensor(o[v]["pass@1"])
-        mu, sd = ys.mean(0), (ys.std(0) if len(ys) > 1 else torch.zeros(ys.shape[1]))
-        ax.plot(steps, mu, color=colors.get(v), lw=1.8, label=f"taught by the {LABELS[v]} teacher")
-        ax.fill_between(steps, mu - sd, mu + sd, color=colors.get(v), alpha=0.12)
+        toolkit.band(ax, o[v]["steps"], o[v]["pass@1"], f"taught by the {LABELS[v]} teacher", color=colors.get(v))
     ax.axhline(c["none"]["teacher_pass@1"], color="k", lw=0.8, ls="--", label="full-precision teacher itself")
     ax.set_xlabel("OPD step")
     ax.set_ylabel("student pass@1 (held-out prompts)")
@@ -349,7 +317,7 @@ def figure(result: dict, path: Path) -> None:
     for k, seed in enumerate(result["seeds"]):
         ys = [o[versions[0]]["kl_to_full_start"][k]] + [o[v]["kl_to_full"][k] for v in versions]
         ax.plot(range(len(xs)), ys, color="0.6", lw=0.9, marker="o", ms=3, label="one seed" if k == 0 else None)
-    means = [mean_std(o[versions[0]]["kl_to_full_start"])[0]] + [mean_std(o[v]["kl_to_full"])[0] for v in versions]
+    means = [mean(o[versions[0]]["kl_to_full_start"])] + [mean(o[v]["kl_to_full"]) for v in versions]
     ax.plot(range(len(xs)), means, color="k", lw=2, marker="s", ms=5, label="mean over seeds")
     for x, v in enumerate(versions, start=1):
         ax.scatter([x], [means[x]], color=colors.get(v), s=60, zorder=4)
@@ -360,9 +328,7 @@ def figure(result: dict, path: Path) -> None:
     ax.legend(frameon=False, fontsize=8, loc="upper right")
     fig.suptitle(f"Quantized teachers in on-policy distillation ({result['setting']} setting, "
                  f"{result['steps']} steps of {result['run']['loss']})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    toolkit.save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,74 +336,41 @@ def figure(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` → ``[0, 1, 2]``; ValueError (one line) unless it names distinct integers, at least one."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds needs distinct seeds, at least one, e.g. 0,1,2; got {text!r}")
-    return seeds
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(seeds=None)  # the scale's: 5 seeds, --quick 2
 
 
-def run_experiment(args: argparse.Namespace) -> int:
-    import os
-
-    from opd_mini.demo import run_pool
-    from opd_mini.worlds import ensure_setting, get_setting
-
-    scale = SCALES["quick" if args.quick else "full"]
-    seeds = parse_seeds(scale["seeds"] if args.seeds is None else args.seeds)
-    steps = scale["steps"] if args.steps is None else args.steps
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    _quiet_main()
+def run(args: argparse.Namespace) -> dict:
+    from opd_mini.experiments.worlds import ensure_setting, get_setting
     from opd_mini.loading import quantization_config
 
+    scale_name, scale, seeds, steps = toolkit.budget(args, SCALES)
+    quiet_bitsandbytes()
     for v in VERSIONS:
         quantization_config(v, "cpu")  # no bitsandbytes: say so now, before any run
     setting = get_setting(SETTING)
     paths = ensure_setting(SETTING, progress=False)
-    out = Path(args.out)
-    jobs = [{"kind": "compare", "teacher": paths["teacher"], "student": paths["student"], "tokenizer": paths["tokenizer"],
-             "task": setting.task, "max_new_tokens": setting.max_new_tokens, "prompts": scale["compare_prompts"],
-             "seed": seeds[0]}]
-    for version in VERSIONS:
-        for seed in seeds:
-            config = {**TrainConfig().to_dict(), **RUN, "student": paths["student"], "teacher": paths["teacher"],
-                      "tokenizer": paths["tokenizer"], "task": setting.task, "max_new_tokens": setting.max_new_tokens,
-                      "teacher_quantization": version, "seed": seed, "steps": steps,
-                      "eval_every": min(scale["eval_every"], steps), "eval_prompts": scale["eval_prompts"],
-                      "out_dir": str(out / "runs" / f"{version}-seed{seed}")}
-            TrainConfig(**config).validate()  # bad values stop here, before any run
-            jobs.append({"kind": "run", "version": version, "config": config})
+    jobs = [(compare_job, {"kind": "compare", "teacher": paths["teacher"], "student": paths["student"],
+                           "tokenizer": paths["tokenizer"], "task": setting.task, "max_new_tokens": setting.max_new_tokens,
+                           "prompts": scale["compare_prompts"], "seed": seeds[0]})]
+    jobs += [(run_job, {"kind": "run", "version": version, "config": toolkit.run_config(
+                 RUN, student=paths["student"], teacher=paths["teacher"], tokenizer=paths["tokenizer"],
+                 task=setting.task, max_new_tokens=setting.max_new_tokens, teacher_quantization=version, seed=seed,
+                 steps=steps, eval_every=min(scale["eval_every"], steps), eval_prompts=scale["eval_prompts"],
+                 out_dir=str(Path(args.out) / "runs" / f"{version}-seed{seed}"))})
+             for version in VERSIONS for seed in seeds]
     print(f"fidelity: {len(VERSIONS)} teacher versions × {len(seeds)} seed(s) = {len(jobs) - 1} runs of {steps} steps "
           f"in {args.workers} process(es)", file=sys.stderr)
-    t0 = time.perf_counter()
-    done = run_pool(_job, jobs, args.workers, desc="fidelity", progress=not args.no_progress)
+    done = toolkit.run_pool(None, jobs, args.workers, desc="fidelity", progress=not args.no_progress)
     compare = next(r for r in done if r["kind"] == "compare")
-    result = {"scale": "quick" if args.quick else "full", "setting": SETTING, "task": setting.task,
-              "versions": list(VERSIONS), "steps": steps, "seeds": seeds, "cpus": os.cpu_count(),
-              "run": {**RUN, "student": f"{SETTING} student (opd_mini.worlds)"},
-              "teachers": {k: v for k, v in compare.items() if k != "kind"},
-              "opd": aggregate([r for r in done if r["kind"] == "run"], list(VERSIONS), seeds)}
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
-    figure(result, out / "fidelity.png")
-    print(table(result))
-    print(f"\nwall time {result['wall_s']:.0f} s; written: {out / 'fidelity.json'}, {out / 'fidelity.png'}")
-    return 0
+    return {"scale": scale_name, "setting": SETTING, "task": setting.task,
+            "versions": list(VERSIONS), "steps": steps, "seeds": seeds, "cpus": toolkit.cpus(),
+            "run": {**RUN, "student": f"{SETTING} student (opd_mini.experiments.worlds)"},
+            "teachers": {k: v for k, v in compare.items() if k != "kind"},
+            "opd": aggregate([r for r in done if r["kind"] == "run"], list(VERSIONS), seeds)}
 
 
-def _job(job: dict) -> dict:
-    return compare_job(job) if job["kind"] == "compare" else run_job(job)
-
-
-def _quiet_main() -> None:
+def quiet_bitsandbytes() -> None:
     """No bitsandbytes notices: LLM.int8 says on every call that it casts float32 inputs to float16."""
     import logging
 
@@ -446,13 +379,7 @@ def _quiet_main() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from opd_mini.demo import experiment_parser
-
-    p = experiment_parser("python -m opd_mini.fidelity", __doc__.split("\n\n")[0],
-                          "the small budget (under a minute on 2 cores; the tests use it)", "runs/fidelity")
-    p.set_defaults(seeds=None)
-    args = p.parse_args(argv)
-    return run_cli(lambda: run_experiment(args))
+    return toolkit.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""The transformer experiments: each asks one question of the training loop on tiny offline worlds.
+
+    python -m opd_mini.experiments              # lists them
+    python -m opd_mini.experiments NAME [--quick] [--seeds 0,1,2] [--out DIR] ...
+
+The library (``opd_mini``) never imports this package. Each experiment is one module that follows the
+template of :mod:`opd_mini.experiments.toolkit`; :mod:`~opd_mini.experiments.worlds` builds the tiny
+teachers and students they start from (committed under ``assets/worlds``, rebuildable by one command).
+"""
+
+#: name -> (module, one line on what it asks)
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "demo": ("opd_mini.experiments.demo", "why OPD learns fast, or does not: four settings × SFT, OPD variants, GRPO"),
+    "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
+                   "OPD stays put"),
+    "retention": ("opd_mini.experiments.retention", "learning a new skill: the old one forgotten at matched "
+                  "success, then recovered (--parts retention,recovery)"),
+    "experts": ("opd_mini.experiments.experts", "two experts distilled into one student, against SFT and one "
+                "teacher each"),
+    "opsd": ("opd_mini.experiments.opsd", "the student's own base behind a privileged prompt as the teacher"),
+    "fidelity": ("opd_mini.experiments.fidelity", "8-bit and 4-bit teachers against full precision, and their "
+                 "students"),
+    "worlds": ("opd_mini.experiments.worlds", "build (or find) the tiny teachers and students the experiments start "
+               "from (--write-assets)"),
+}
