@@ -90,3 +90,19 @@ def sampling_error(p: float, n: int) -> float:
     """The standard error of a rate ``p`` estimated from ``n`` independent samples: sqrt(p (1 − p) / n)."""
     p = min(max(p, 0.0), 1.0)
     return math.sqrt(max(p * (1 - p), 1.0 / n) / max(n, 1))
+
+
+def check_quotes(quoted: list[tuple], claims: list[tuple]) -> str:
+    """The check cell of a notebook: every number its text quotes, ``(where, text, value)`` or ``(where, text,
+    value, spread)`` (see :func:`agrees`), and every claim, ``(where, claim, holds)``, against this run. Prints what
+    disagrees with the values behind it and raises AssertionError; returns the one-line verdict otherwise."""
+    failures = []
+    for where, text, value, *spread in quoted:
+        if not agrees(text, value, spread[0] if spread else 0.0):
+            failures.append(f"{where}: the text says {text}, this run gives {value:.4g}"
+                            + (f" (± {spread[0]:.2g} allowed)" if spread else ""))
+    failures += [f"{where}: the text says that {claim}, which no longer holds" for where, claim, holds in claims
+                 if not holds]
+    if failures:
+        raise AssertionError("the text disagrees with this run:\n" + "\n".join(failures))
+    return f"all {len(quoted)} quoted numbers and {len(claims)} claims of the text agree with this run"
