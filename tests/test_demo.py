@@ -17,6 +17,10 @@ import pytest
 from opd_mini.experiments import EXPERIMENTS, demo, toolkit, worlds
 from opd_mini.tasks import get_task
 
+#: the quick demo trains live and checks its claims within the seed spread: CI runs it again under a second
+#: CPU kernel set
+pytestmark = pytest.mark.kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "tutorials" / "results" / "demo.json"
 DOCS = ROOT / "docs" / "results.md"

@@ -30,6 +30,9 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 REPO = Path(__file__).resolve().parents[1]
 TUTORIALS = REPO / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+#: Every notebook trains live and checks its text against that run (within its sampling error): CI runs them again
+#: under a second CPU kernel set (marker ``kernels``).
+pytestmark = pytest.mark.kernels
 NOTEBOOK_TIMEOUT_S = 600  # whole notebook, all cells together
 KERNEL_NAME = "python3"
 
