@@ -201,33 +201,45 @@ def test_docs_reading_of_the_results_holds_on_the_committed_json():
         return None if None in v else _mean(v)
 
     names = [m["method"] for m in by["counter_example"]["methods"]]
-    # counter_example: SFT leads; JSD and full next; sampled, GRPO and the mix hardly move
-    assert max(names, key=lambda m: final("counter_example", m)) == "sft"
+
+    def std(s, m):
+        return _stdev(_method(by[s], m)["final_pass@1"])
+
+    # counter_example: SFT and JSD highest, within each other's spread; full next; sampled, GRPO, the mix hardly move
+    top2 = sorted(names, key=lambda m: -final("counter_example", m))[:3]
+    assert set(top2[:2]) == {"sft", "opd_jsd"} and top2[2] == "opd_full"
+    assert abs(final("counter_example", "sft") - final("counter_example", "opd_jsd")) < max(
+        std("counter_example", "sft"), std("counter_example", "opd_jsd"))
     start = by["counter_example"]["student_start_pass@1"]
     assert all(abs(final("counter_example", m) - start) < 0.05 for m in ("opd_sampled", "grpo", "opd_grpo"))
-    # compounding: full reaches the target as fast as SFT, JSD one evaluation later, both end level; others slower
-    assert samples("compounding", "opd_full") <= samples("compounding", "sft")
+    # compounding: full and JSD within one evaluation interval of SFT, and level at the end; the others slower
     every = by["compounding"]["methods"][0]["curve"]["sequences"][1]  # sequences between two evaluations
-    assert samples("compounding", "opd_jsd") <= samples("compounding", "sft") + every
-    assert abs(final("compounding", "opd_jsd") - final("compounding", "sft")) < 0.05
-    assert abs(final("compounding", "opd_full") - final("compounding", "sft")) < 0.05
-    for m in ("opd_sampled", "opd_topk", "grpo"):
+    for m in ("opd_full", "opd_jsd"):
+        assert samples("compounding", m) <= samples("compounding", "sft") + every
+        assert abs(final("compounding", m) - final("compounding", "sft")) < 0.05
+    for m in ("opd_sampled", "opd_topk", "opd_grpo"):
         assert samples("compounding", m) > samples("compounding", "sft")
+    assert samples("compounding", "grpo") is None and _method(by["compounding"], "grpo")["samples_to_target"].count(None) == 1
     assert all(_mean(m["off_support"]) < by["compounding"]["student_start_off_support"] for m in by["compounding"]["methods"])
     assert all(_mean([x or 0 for x in m["off_support_success"]]) < 0.1 for m in by["compounding"]["methods"])
-    # noisy_teacher: full beats SFT on samples, final pass@1 and entropy; GRPO ends highest; nobody above the teacher
-    assert samples("noisy_teacher", "opd_full") < samples("noisy_teacher", "sft")
-    assert final("noisy_teacher", "opd_full") > final("noisy_teacher", "sft")
+    # noisy_teacher: full needs fewer than half of SFT's samples, lower entropy, ends within the spread;
+    # GRPO and the mix highest on average; nobody above the teacher
+    assert samples("noisy_teacher", "opd_full") < samples("noisy_teacher", "sft") / 2
     assert _mean(_method(by["noisy_teacher"], "opd_full")["entropy"]) < _mean(_method(by["noisy_teacher"], "sft")["entropy"])
+    assert abs(final("noisy_teacher", "opd_full") - final("noisy_teacher", "sft")) < max(
+        std("noisy_teacher", "opd_full"), std("noisy_teacher", "sft"))
     ranked = sorted(names, key=lambda m: -final("noisy_teacher", m))
-    assert ranked[:2] == ["grpo", "opd_grpo"]
+    assert set(ranked[:2]) == {"grpo", "opd_grpo"}
     assert not result["claims"]["opd_above_noisy_teacher_every_seed"]["holds"]
     assert all(_mean(m["entropy"]) > by["noisy_teacher"]["teacher_entropy"] for m in by["noisy_teacher"]["methods"])
-    # capacity: nobody reaches the target; the spread of final pass@1 is within two seed standard deviations
+    # capacity: nobody reaches the target; highest and lowest (GRPO, top-K) about two seed stds apart, others less
     assert all(samples("capacity", m) is None for m in names)
-    finals = [final("capacity", m) for m in names]
-    spread = max(_stdev(_method(by["capacity"], m)["final_pass@1"]) for m in names)
-    assert max(finals) - min(finals) < 2 * spread
+    spread = max(std("capacity", m) for m in names)
+    ranked = sorted(names, key=lambda m: -final("capacity", m))
+    assert (ranked[0], ranked[-1]) == ("grpo", "opd_topk")
+    assert 1.5 * spread < final("capacity", "grpo") - final("capacity", "opd_topk") < 2.5 * spread
+    assert all(abs(final("capacity", a) - final("capacity", b)) < 2 * spread
+               for a in names for b in names if {a, b} != {"grpo", "opd_topk"})
     # top-K: the highest student entropy in every setting
     for s in result["settings"]:
         assert max(s["methods"], key=lambda m: _mean(m["entropy"]))["method"] == "opd_topk", s["name"]

@@ -12,7 +12,7 @@ from opd_mini.experiments import retention, toolkit
 
 ROOT = Path(__file__).resolve().parents[1]
 #: measured together with the self-distillation part (then parts 1 and 3 of one experiment)
-COMMITTED = ROOT / "tutorials" / "results" / "forgetting.json"
+COMMITTED = ROOT / "tutorials" / "results" / "retention.json"
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +83,28 @@ def test_docs_retention_and_recovery_blocks_match_the_committed_results():
     final_A = {m: mean(e["A_final"]) for m, e in by.items()}
     at_matched = {m: [a for a in e["A_at_matched_B"] if a is not None] for m, e in by.items()}
     opd = [m for m in by if m.startswith("opd")]
-    # "every OPD variant loses A sooner and further than SFT, both at matched B and at the end"
+    # "every OPD variant that reaches matched B has lost more of A there than SFT has in any seed, every OPD
+    # variant loses half of A sooner than SFT and ends with less of it, and sampled-token OPD does not reach
+    # matched B within the budget at all"
+    reached = [m for m in opd if at_matched[m]]
+    assert reached and all(max(at_matched[m]) < min(at_matched["sft"]) for m in reached)
     assert all(final_A[m] < final_A["sft"] for m in opd)
-    assert all(at_matched[m] and max(at_matched[m]) < min(at_matched["sft"]) for m in opd)
+    assert [m for m in opd if not at_matched[m]] == ["opd_sampled"]
     def half_gone(m):  # the first step where A's mean over seeds is below half of where it started
         e = by[m]
         return next(st for i, st in enumerate(e["steps"]) if mean([c[i] for c in e["A_curves"]]) < e["A_before"] / 2)
 
     assert all(half_gone(m) < half_gone("sft") for m in opd)
-    # "and so does GRPO, which never reaches matched B at all"
+    # "GRPO never reaches matched B either and loses A too"
     assert all(x is None for x in by["grpo"]["A_at_matched_B"]) and final_A["grpo"] < mean(by["grpo"]["A_before_per_seed"])
     assert not result["claims"]["opd_drop_at_most_half_of_sft"]["holds"]
     # "across every evaluation of every run, A's drop follows KL(π₀ ‖ π) on A's prompts"
     assert result["retention_correlation"]["every_eval"]["spearman"] > 0.8
-    # "the one method that keeps A ... replaying A's prompts ... at the price of learning B more slowly"
+    # "the one method that keeps A ... replaying A's prompts ... at the price of learning B more slowly (it ends
+    # lower on B than SFT, and not every seed reaches matched B)"
     assert final_A["sft_replay"] == max(final_A.values()) and final_A["sft_replay"] > 0.8 * by["sft_replay"]["A_before"]
     assert mean(by["sft_replay"]["B_final"]) < mean(by["sft"]["B_final"])
-    assert mean(by["sft_replay"]["steps_to_matched_B"]) > mean(by["sft"]["steps_to_matched_B"])
+    assert None in by["sft_replay"]["steps_to_matched_B"] and None not in by["sft"]["steps_to_matched_B"]
     # recovery: "brings A back within the first evaluation interval in every seed"; "B is not kept within the
     # margin: it falls in both variants, less when B's prompts are distilled from the post-B model"
     rec = {e["variant"]: e for e in result["recovery"]}

@@ -108,17 +108,27 @@ def test_docs_self_distillation_block_and_reading_match_the_committed_results():
     by = {(e["method"], e["lr"]): e for e in result["self_distill"]}
     lrs = sorted({e["lr"] for e in result["self_distill"]})
     final = {k: toolkit.mean([x[-1] for x in e["kl_to_init"]]) for k, e in by.items()}
-    # the reading after the block: OPD exactly still; fixed set further than fresh; the distance grows with lr
+    # the reading after the block, statement by statement
+    spread = {k: toolkit.mean_std([x[-1] for x in e["kl_to_init"]])[1] for k, e in by.items()}
     assert all(x == 0.0 for lr in lrs for k in by[("opd", lr)]["kl_to_init"] for x in k)
-    assert all(final[("sft_fixed", lr)] > final[("sft_fresh", lr)] for lr in lrs)
-    for name in ("sft_fixed", "sft_fresh"):
-        assert [final[(name, lr)] for lr in lrs] == sorted(final[(name, lr)] for lr in lrs)
-    # at the two higher learning rates the largest mean distance is at the first evaluation after step 0
-    for lr in lrs[-2:]:
-        for name in ("sft_fixed", "sft_fresh"):
-            e = by[(name, lr)]
-            means = [toolkit.mean([k[i] for k in e["kl_to_init"]]) for i in range(len(e["steps"]))]
-            assert max(range(len(means)), key=means.__getitem__) == 1, (name, lr)
+    assert all(final[(name, lr)] > 0 for lr in lrs for name in ("sft_fixed", "sft_fresh"))
+    cases = {(c["method"], c["lr"]): c for c in result["claims"]["sft_kl_rises_opd_below_tenth"]["cases"]}
+    steady = [k for k, c in cases.items() if c["kl_rank_correlation_with_steps"] > 0.8]
+    assert steady == [("sft_fixed", lrs[0])] and [k for k, c in cases.items() if c["rises"]] == steady
+    low = lrs[0]
+    assert final[("sft_fixed", low)] - final[("sft_fresh", low)] > spread[("sft_fixed", low)] + spread[("sft_fresh", low)]
+
+    def furthest(name, lr):
+        e = by[(name, lr)]
+        means = [toolkit.mean([k[i] for k in e["kl_to_init"]]) for i in range(len(e["steps"]))]
+        return max(range(len(means)), key=means.__getitem__)
+
+    assert all(furthest("sft_fresh", lr) == 1 for lr in lrs)  # furthest at the first evaluation, then back
+    high = lrs[-1]
+    assert furthest("sft_fixed", high) == 1
+    assert abs(final[("sft_fixed", high)] - final[("sft_fresh", high)]) < max(spread[("sft_fixed", high)],
+                                                                               spread[("sft_fresh", high)])
+    assert "holds in\none case of six" in (ROOT / "docs" / "results.md").read_text() and len(cases) == 6
 
 
 def test_decode_sampler_runs_the_loop_and_keeps_self_distillation_exact(tmp_path):

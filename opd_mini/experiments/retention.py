@@ -33,8 +33,6 @@ from opd_mini.experiments.toolkit import mean_std
 NAME = "retention"
 QUICK_HELP = "the small budget: SFT alone, 60 steps, then recovery (the tests use it)"
 PARTS = ("retention", "recovery")
-#: The committed results: measured together with the self-distillation part, before the split.
-COMMITTED = "forgetting.json"
 A_TASK, B_TASK = "reverse:5", "walk:10"
 #: name -> the TrainConfig fields that make the method ({B} = the B-expert's path).
 METHODS: dict[str, dict] = {
