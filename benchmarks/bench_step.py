@@ -21,7 +21,7 @@ own footprint (student + teacher weights + AdamW state) is printed for scale.
 
     python benchmarks/bench_step.py                   # CPU, prints a markdown table
     python benchmarks/bench_step.py --device cuda --steps 5
-    python benchmarks/bench_step.py --sampler decode  # the fast sampler (sampler.sample(method="decode"))
+    python benchmarks/bench_step.py --sampler generate  # the reference sampler (HF generate + a forward)
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ def worker(args) -> dict:
     tokenizer, student, teacher = build_world(args.vocab, args.device)
     V = teacher_lib.shared_vocab_size(tokenizer, student, teacher)
     spec, opts = registry.get_loss(args.loss), registry.LossOptions(top_k=args.top_k)
+    from opd_mini import divergences
+
+    divergences.set_backend(args.divergence_backend)
     top_k = args.top_k if spec.signal == "topk" else 0
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     param_bytes = sum(p.numel() * p.element_size() for mod in (student, teacher) for p in mod.parameters())
@@ -200,9 +203,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sampler", default="generate", choices=("generate", "decode"),
+    p.add_argument("--sampler", default="decode", choices=("generate", "decode"),
                    help="sampler.sample's method: generate (HF generate + a forward for the behaviour log-probs) "
                         "or decode (the KV-cache loop, log-probs recorded while decoding)")
+    p.add_argument("--divergence_backend", default="fused", choices=("fused", "compiled"),
+                   help="how the full-vocabulary losses compute (opd_mini.divergences.set_backend)")
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--path", help=argparse.SUPPRESS)  # set in the worker subprocess
     args = p.parse_args()

@@ -37,6 +37,8 @@ sys.path.insert(0, HERE)
 #: TRL's generalized-JSD β set against each opd_mini loss.
 TRL_BETA = {"reverse_kl_sampled": 1.0, "reverse_kl_topk": 1.0, "reverse_kl_full": 1.0, "forward_kl": 0.0, "jsd": 0.5}
 DEFAULT_LOSSES = ",".join(TRL_BETA)
+#: The losses that compute a full-vocabulary divergence (the ones --divergence_backend changes).
+FULL_LOSSES = ("reverse_kl_full", "forward_kl", "jsd")
 
 
 def trl_available() -> bool:
@@ -156,7 +158,8 @@ def ratio_table(rows: list[dict], trl: dict[float, dict], floor: dict) -> str:
         t = trl[r["beta"]]
         ours_peak = max(r["peak_sample_MB"], r["peak_score_MB"], r["peak_student_MB"])
         phases = f" ({r['s_sample']:.1f} + {r['s_score']:.1f} + {r['s_student']:.1f})" if "s_sample" in r else ""
-        lines.append(f"| {r['loss']} | {r['beta']:g} | {r['s_step']:.2f}{phases} | {t['s_step']:.2f} "
+        label = r["loss"] + (f" ({r['divergence_backend']})" if r.get("divergence_backend", "fused") != "fused" else "")
+        lines.append(f"| {label} | {r['beta']:g} | {r['s_step']:.2f}{phases} | {t['s_step']:.2f} "
                      f"| **{r['s_step'] / t['s_step']:.2f}** | {ours_peak:.0f} | {t['peak_step_MB']:.0f} "
                      f"| **{ours_peak / t['peak_step_MB']:.2f}** | {r['peak_rss_MB']:.0f} | {t['peak_rss_MB']:.0f} "
                      f"| {r['s_step'] / floor['s_floor']:.1f} |")
@@ -178,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sampler", default="decode", choices=("generate", "decode"), help="opd_mini's sampler method")
+    p.add_argument("--divergence_backends", default="fused",
+                   help="how opd_mini's full-vocabulary losses compute (--divergence_backend of the loop): fused, "
+                        "compiled, or both (fused,compiled: a row per backend for reverse_kl_full, forward_kl and jsd)")
     p.add_argument("--plain_malloc", action="store_true",
                    help="leave glibc's malloc settings alone: the times of a normal run (by default every block "
                         "over 128 kB is mmap'd so that RSS tracks what is allocated, which makes the peaks exact "
@@ -193,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in losses if x not in TRL_BETA]
     if unknown or not losses:
         p.error(f"--losses must name losses from {', '.join(TRL_BETA)}; got {args.losses!r}")
+    backends = [x for x in args.divergence_backends.split(",") if x]
+    if not backends or any(b not in ("fused", "compiled") for b in backends):
+        p.error(f"--divergence_backends must name fused and/or compiled; got {args.divergence_backends!r}")
     if not trl_available():
         print("error: trl is not installed; this comparison needs it: pip install trl (an optional extra of "
               "opd_mini, not in requirements.txt)", file=sys.stderr)
@@ -203,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--vocab", str(args.vocab), "--batch", str(args.batch), "--prompt_len", str(args.prompt_len),
               "--new_tokens", str(args.new_tokens), "--steps", str(args.steps), "--threads", str(args.threads)]
     rows = []
-    for loss in losses:
-        r = _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common, "--loss", loss, "--chunk",
-                  str(args.chunk), "--top_k", str(args.top_k), "--sampler", args.sampler, "--path", "chunked"], env)
-        rows.append({**r, "loss": loss, "beta": TRL_BETA[loss]})
-        print(f"done: opd_mini {loss}", file=sys.stderr)
+    for backend in backends:
+        for loss in losses:
+            if backend != "fused" and loss not in FULL_LOSSES:
+                continue  # no full-vocabulary divergence to compute another way
+            r = _run([sys.executable, os.path.join(HERE, "bench_step.py"), *common, "--loss", loss, "--chunk",
+                      str(args.chunk), "--top_k", str(args.top_k), "--sampler", args.sampler, "--divergence_backend",
+                      backend, "--path", "chunked"], env)
+            rows.append({**r, "loss": loss, "beta": TRL_BETA[loss], "divergence_backend": backend})
+            print(f"done: opd_mini {loss} ({backend})", file=sys.stderr)
     trl = {}
     for beta in sorted({TRL_BETA[x] for x in losses}):
         trl[beta] = _run([sys.executable, os.path.abspath(__file__), *common, "--trl_beta", str(beta)], env)
@@ -219,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     import trl as trl_module
 
     result = {"settings": {k: getattr(args, k) for k in ("vocab", "batch", "prompt_len", "new_tokens", "chunk", "top_k",
-                                                          "steps", "threads", "sampler", "plain_malloc")},
+                                                          "steps", "threads", "sampler", "plain_malloc",
+                                                          "divergence_backends")},
               "trl_version": trl_module.__version__, "cpus": os.cpu_count(), "opd_mini": rows,
               "trl": {str(k): v for k, v in trl.items()}, "floor": floor}
     print(report(result))
@@ -234,14 +248,45 @@ def report(result: dict) -> str:
     a, floor = result["settings"], result["floor"]
     head = (f"V={a['vocab']}, batch {a['batch']}, {a['prompt_len']} prompt + {a['new_tokens']} new tokens, "
             f"{a['threads']} threads, {a['steps']} timed steps per run; opd_mini chunk {a['chunk']}, top-K "
-            f"{a['top_k']}, sampler {a['sampler']}; TRL {result['trl_version']}; malloc "
+            f"{a['top_k']}, sampler {a['sampler']}, divergences {a.get('divergence_backends', 'fused')}; TRL "
+            f"{result['trl_version']}; malloc "
             f"{'glibc defaults' if a['plain_malloc'] else 'mmap above 128 kB'}. Peaks: RSS above the RSS after "
             "loading (opd_mini: its largest phase).")
     tail = (f"Compute floor {floor['s_floor']:.2f} s per step: {floor['s_sample_floor']:.2f} s for the decode steps' "
             f"head products + 4 × {floor['s_projection']:.2f} s full projections ({floor['gflop_step']:.0f} GFLOP in "
             f"all; {floor['gflops_projection']:.0f} GFLOP/s measured for a full projection).")
     trl = {float(k): v for k, v in result["trl"].items()}
-    return "\n\n".join([head, ratio_table(result["opd_mini"], trl, floor), tail])
+    return "\n\n".join([head, ratio_table(result["opd_mini"], trl, floor), tail, aims(result)])
+
+
+#: The aims: every loss at most this fraction of TRL's step time and peak memory; the full reverse-KL step
+#: within this multiple of the compute floor.
+AIM_TIME, AIM_MEMORY, AIM_FLOOR = 0.5, 0.55, 1.6
+
+
+def aims(result: dict) -> str:
+    """One line per aim: how many losses meet it, and the measured ratios."""
+    trl = {float(k): v for k, v in result["trl"].items()}
+    rows = result["opd_mini"]
+    def label(r):
+        return r["loss"] + (f" ({r['divergence_backend']})" if r.get("divergence_backend", "fused") != "fused" else "")
+
+    time_r = {label(r): r["s_step"] / trl[r["beta"]]["s_step"] for r in rows}
+    mem_r = {label(r): max(r["peak_sample_MB"], r["peak_score_MB"], r["peak_student_MB"]) / trl[r["beta"]]["peak_step_MB"]
+             for r in rows}
+
+    def line(name, ratios, aim):
+        met = [k for k, v in ratios.items() if v <= aim]
+        worst = max(ratios, key=ratios.get)
+        return (f"- {name} ≤ {aim}× TRL's: **{len(met)} of {len(ratios)} losses** (ratios "
+                f"{min(ratios.values()):.2f}-{max(ratios.values()):.2f}; the furthest, {worst}, at {ratios[worst]:.2f}×)")
+
+    out = ["Against the aims:", line("step time", time_r, AIM_TIME), line("peak memory", mem_r, AIM_MEMORY)]
+    for full in (r for r in rows if r["loss"] == "reverse_kl_full"):
+        ratio = full["s_step"] / result["floor"]["s_floor"]
+        out.append(f"- the full reverse-KL step ({full.get('divergence_backend', 'fused')}) within {AIM_FLOOR}× of the "
+                   f"compute floor: **{'met' if ratio <= AIM_FLOOR else 'not met'}** ({ratio:.1f}×)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,11 @@ class TrainConfig(LossOptions):
                                "(B, T, V) fp32 logits never sit in memory at once (0 = one chunk)", ge=0)
     teacher_chunk_size: int = opt(0, "positions per chunk of the teacher's head + log-softmax (0 = sized by element "
                                   "count: at most 2^22 logits, 16 MB in fp32, per chunk of rows and positions)", ge=0)
+    divergence_backend: str = opt("fused", "how the full-vocabulary losses (reverse_kl_full, forward_kl, jsd, "
+                                  "entropy_aware) compute the divergence at each position: fused (the gradient "
+                                  "written out, opd_mini.divergences) or compiled (torch.compile of the plain formula: "
+                                  "faster and smaller on the CPU as measured in BENCHMARKS.md; needs a C++ compiler, and "
+                                  "each new shape compiles once, seconds each)", choices=("fused", "compiled"))
     divergence_factor: float = opt(10.0, "stop the run, before applying the step, when the gradient norm exceeds "
                                    "this many times the median of the previous 20 steps (checked from step 11; "
                                    "0 = off)", ge=0)
@@ -111,7 +116,7 @@ class TrainConfig(LossOptions):
                                    "the set (a distillation dataset); 0 = fresh teacher samples every step", ge=0)
     lmbda: float = opt(1.0, "GKD's λ (TRL's lmbda): the probability that a step's rollouts are the student's own samples; "
                        "otherwise the teacher samples that step (decided per step from the seed, so resumed runs match); "
-                       "below 1 only with a full-distribution loss (reverse_kl_full, forward_kl, jsd, reverse_kl_topk, "
+                       "below 1 only with a full-distribution loss (reverse_kl_full, forward_kl, jsd, reverse_kl_topk(_tail), "
                        "entropy_aware), which compare whole distributions at every visited state", ge=0, le=1)
     teacher_template: str = opt("", "the teacher's prompt, from the example's fields, e.g. '{prompt} (the answer is "
                                 "{answer})': the teacher scores the student's completion behind this prompt instead of "
@@ -183,6 +188,13 @@ class TrainConfig(LossOptions):
         if self.teacher_sample_pool and self.teacher_sample_pool < self.prompts_per_step:
             raise ValueError(f"teacher_sample_pool={self.teacher_sample_pool} is out of range: a fixed set must hold at "
                              f"least prompts_per_step={self.prompts_per_step} prompts (or 0 for fresh samples)")
+        if self.divergence_backend != "fused" and spec.signal != "full":
+            raise ValueError(f"divergence_backend={self.divergence_backend!r} has no effect with loss={self.loss}, which "
+                             "computes no full-vocabulary divergence: use it with reverse_kl_full, forward_kl, jsd or "
+                             "entropy_aware, or leave it at 'fused'")
+        if self.divergence_backend == "compiled" and self.device != "cuda" and not _cxx_compiler():
+            raise ValueError("divergence_backend='compiled' needs a C++ compiler on the CPU (torch.compile's inductor "
+                             "builds its kernels with one): install g++ or clang++, or leave it at 'fused'")
         if spec.reward and self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations} is out of range for loss={self.loss}: "
                              "it must be >= 2 (the group baseline needs several samples per prompt)")
@@ -268,6 +280,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         save_every=50, out_dir="runs/laptop-gpu",
     ),
 }
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, if there is one on PATH."""
+    import shutil
+
+    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
 
 
 def preset_values(name: str) -> dict[str, Any]:

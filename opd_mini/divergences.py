@@ -12,19 +12,45 @@ their sum is (1−β) log(π_v/m_v), and the softmax turns a gradient g over π 
 
 Autograd would keep log π, π and each intermediate (B, T, V) tensor of the formula for the backward pass; the
 :class:`Divergence` function keeps only the logits and the teacher's log-probs, which the caller holds anyway,
-and recomputes π in the backward pass. A chunk of positions then peaks at about three (B, C, V) tensors in
-either pass instead of five or six. Masked-out positions hold a uniform student and teacher (finite values,
+and recomputes π in the backward pass. Measured on one (8, 8, 151,936) chunk on the CPU (BENCHMARKS.md,
+``benchmarks/compile_divergence.py``) that peaks no lower than the plain formula under autograd and is
+slower; ``torch.compile`` of the plain formula (``set_backend("compiled")``, ``--divergence_backend compiled``)
+is several times faster and peaks lower, but needs a C++ compiler and compiles per shape. Masked-out positions hold a uniform student and teacher (finite values,
 zero gradient), whatever garbage the inputs hold there. ``tests/test_losses.py`` checks every value and
 gradient against brute force, and the autograd of the plain formula (:func:`reference`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 KINDS = ("reverse", "forward", "jsd")
+#: How :func:`divergence` computes: ``fused`` (:class:`Divergence`, the gradient written out) or ``compiled``
+#: (``torch.compile`` of the plain formula, :func:`reference`: inductor fuses the formula and its backward into a
+#: few loops over V; on the CPU it needs a C++ compiler, and each new shape compiles once, seconds each).
+BACKENDS = ("fused", "compiled")
+_backend = {"name": "fused", "compiled": None}
+
+
+def set_backend(name: str) -> None:
+    """Choose how :func:`divergence` computes from now on, process-wide."""
+    if name not in BACKENDS:
+        raise ValueError(f"divergence backend must be one of {BACKENDS}, got {name!r}")
+    _backend["name"] = name
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """:func:`set_backend` for the duration of a ``with`` block (a training run: ``--divergence_backend``)."""
+    before = _backend["name"]
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend["name"] = before
 
 
 def divergence(z_BTV: torch.Tensor, logq_BTV: torch.Tensor, mask_BT: torch.Tensor, kind: str,
@@ -39,6 +65,10 @@ def divergence(z_BTV: torch.Tensor, logq_BTV: torch.Tensor, mask_BT: torch.Tenso
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if logq_BTV.requires_grad:
         return reference(z_BTV, logq_BTV, mask_BT, kind, beta, floor)
+    if _backend["name"] == "compiled":
+        if _backend["compiled"] is None:
+            _backend["compiled"] = torch.compile(reference)
+        return _backend["compiled"](z_BTV, logq_BTV, mask_BT, kind, beta, floor)
     return Divergence.apply(z_BTV, logq_BTV, mask_BT, kind, beta, floor)
 
 

@@ -81,6 +81,11 @@ def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     return (p_a * diff).sum(-1)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, accurate at both ends (−inf at x = 0)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
     p = logp.exp()
     return -(p * torch.where(p > 0, logp, torch.zeros((), device=logp.device))).sum(-1)
@@ -360,6 +365,7 @@ def reverse_kl_topk(
     sampled_ids_BT: torch.Tensor | None = None,
     teacher_sampled_logp_BT: torch.Tensor | None = None,
     renormalize: bool = True,
+    tail: bool = False,
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Teacher top-K local support matching: reverse KL on the teacher's top-K tokens (Fu et al. 2026, §4.1)::
@@ -374,6 +380,17 @@ def reverse_kl_topk(
     K = 1 is rejected when renormalising: both renormalised distributions are then 1 on the single token,
     so the loss and its gradient are identically zero.
 
+    ``tail=True`` keeps the mass outside S_t as one more bucket instead of renormalising (TRL's
+    ``loss_add_tail``; top-K + tail distillation)::
+
+        π_tail = 1 − Σ_{v∈S_t} π_θ(v|c_t),   q_tail = 1 − Σ_{v∈S_t} q(v|c_t)
+        loss = (1/N) Σ_t [ Σ_{v∈S_t} π(v) (log π(v) − log q(v)) + π_tail (log π_tail − log q_tail) ]
+
+    the exact reverse KL between the two distributions coarsened to S_t ∪ {tail}: a student that puts mass
+    where the teacher has none is penalised, which the renormalised loss cannot see. log π_tail is the
+    log-sum-exp of the logits outside S_t minus the normaliser, so it stays exact (and its gradient finite)
+    when the tail is far below float precision of 1 − Σ π. It needs at least one token outside S_t.
+
     Shapes: student_logits_BTV (B, T, V); teacher_topk_ids_BTK (B, T, K) int; teacher_topk_logp_BTK
     (B, T, K) = log q(v|c_t) over the full vocabulary; sampled_ids_BT and teacher_sampled_logp_BT (B, T),
     both given to add y_t to the support (a token already in the top-K is not counted twice).
@@ -384,8 +401,11 @@ def reverse_kl_topk(
     V, K = student_logits_BTV.shape[-1], teacher_topk_ids_BTK.shape[-1]
     if not (1 <= K <= V):
         raise ValueError(f"top-K support size K must satisfy 1 <= K <= V={V}, got K={K}")
-    if K == 1 and renormalize:
+    if K == 1 and renormalize and not tail:
         raise ValueError("K=1 is degenerate with renormalisation (the loss is identically 0); use K >= 2")
+    if tail and K + (sampled_ids_BT is not None) >= V:
+        raise ValueError(f"a tail bucket needs a token outside the support: K={K} (plus the sampled token) must be "
+                         f"below V={V}")
     if (sampled_ids_BT is None) != (teacher_sampled_logp_BT is None):
         raise ValueError("pass both sampled_ids_BT and teacher_sampled_logp_BT to add the sampled token, or neither")
 
@@ -406,13 +426,22 @@ def reverse_kl_topk(
     # only the support's logits carry the gradient; the normaliser over the whole vocabulary is needed by the
     # loss without renormalisation alone (with it, log π_S = z_S − logsumexp(z_S)), else only by the metric
     z_k = fill_masked(student_logits_BTV.gather(-1, ids).float(), mask)
-    with torch.no_grad() if renormalize else torch.enable_grad():
+    exact = tail or not renormalize  # the loss needs log π over the whole vocabulary, with its gradient
+    with torch.enable_grad() if exact else torch.no_grad():
         lse_BT1 = fill_masked(torch.logsumexp(student_logits_BTV.float(), -1, keepdim=True), mask)
-    logp_k = torch.where(valid_k, z_k - lse_BT1.detach() if renormalize else z_k - lse_BT1, neg_inf)
+    logp_k = torch.where(valid_k, z_k - lse_BT1 if exact else z_k - lse_BT1.detach(), neg_inf)
     logq_k = torch.where(valid_k, logq_k, neg_inf)
     student_mass = torch.logsumexp(logp_k.detach(), -1).exp()
     teacher_mass = torch.logsumexp(logq_k, -1).exp()
-    if renormalize:
+    if tail:
+        outside = torch.ones_like(student_logits_BTV, dtype=torch.bool).scatter_(-1, ids, False)
+        z_out = fill_masked(student_logits_BTV.float().masked_fill(~outside, float("-inf")).logsumexp(-1, keepdim=True),
+                            mask)
+        logq_in = torch.logsumexp(logq_k, -1, keepdim=True).clamp(max=0.0)
+        logq_tail = _log1mexp(logq_in).clamp(min=LOGP_FLOOR)
+        logp_k = torch.cat([logp_k, z_out - lse_BT1], dim=-1)
+        logq_k = torch.cat([logq_k, logq_tail], dim=-1)
+    elif renormalize:
         logp_k = logp_k - torch.logsumexp(logp_k, -1, keepdim=True)
         logq_k = logq_k - torch.logsumexp(logq_k, -1, keepdim=True)
     kl_BT = _kl_terms(logp_k, logq_k)

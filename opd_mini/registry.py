@@ -62,8 +62,9 @@ class LossOptions:
     clip_log_ratio: float = opt(0.0, "reverse_kl_sampled/opd_grpo: clip the log-ratio r_t to [−c, c] (0 = off)", ge=0)
     beta: float = opt(0.5, "jsd: mixture weight β of JSD(β); β=0 is forward KL, β=1 reverse KL, 0.5 symmetric JSD",
                       ge=0, le=1)
-    top_k: int = opt(16, "reverse_kl_topk: size K of the teacher's top-K support (K >= 2)", ge=2)
-    add_sampled_token: bool = opt(True, "reverse_kl_topk: add the student's sampled token to the support")
+    top_k: int = opt(16, "reverse_kl_topk, reverse_kl_topk_tail: size K of the teacher's top-K support (K >= 2)", ge=2)
+    add_sampled_token: bool = opt(True, "reverse_kl_topk, reverse_kl_topk_tail: add the student's sampled token to "
+                                  "the support")
     renormalize: bool = opt(True, "reverse_kl_topk: renormalise both distributions inside the support "
                             "(false collapses; kept for the ablation)")
     entropy_threshold: float = opt(1.0, "entropy_aware: add forward KL where the teacher's entropy exceeds this "
@@ -296,6 +297,16 @@ def _reverse_kl_topk(logits_BTV, b: Batch, o: LossOptions):
              if o.add_sampled_token else {})
     return losses.reverse_kl_topk(logits_BTV, b.teacher_topk_ids_BTK, b.teacher_topk_logp_BTK, b.mask_BT,
                            renormalize=o.renormalize, num_tokens=b.num_tokens, **extra)
+
+
+@register("reverse_kl_topk_tail", kind="distribution", signal="topk")
+def _reverse_kl_topk_tail(logits_BTV, b: Batch, o: LossOptions):
+    """Reverse KL over the teacher's top-K support plus one bucket for the mass outside it (opts: top_k,
+    add_sampled_token): the student is penalised for mass where the teacher has little."""
+    extra = (dict(sampled_ids_BT=b.tokens_BT, teacher_sampled_logp_BT=b.teacher_logp_BT)
+             if o.add_sampled_token else {})
+    return losses.reverse_kl_topk(logits_BTV, b.teacher_topk_ids_BTK, b.teacher_topk_logp_BTK, b.mask_BT,
+                                  renormalize=False, tail=True, num_tokens=b.num_tokens, **extra)
 
 
 @register("entropy_aware", kind="distribution", signal="full")

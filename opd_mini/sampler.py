@@ -291,7 +291,7 @@ def filter_logits(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int 
     return scores
 
 
-#: Candidates top-p looks at first; only rows whose nucleus is wider fall back to more (then the whole vocabulary).
+#: Candidates top-p looks at first; only rows whose nucleus is wider fall back to a sort of the whole vocabulary.
 NUCLEUS_CANDIDATES = 64
 
 
@@ -299,19 +299,21 @@ def nucleus(scores_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     """(B, V) bool: the smallest set of most likely tokens whose mass exceeds ``top_p`` (at least one), the set
     ``generate``'s top-p warper keeps, found without sorting the vocabulary: a token is kept when the mass of
     the tokens more likely than it is below ``top_p``, so the set lies inside the top-k candidates whenever
-    their mass reaches ``top_p``; k starts at :data:`NUCLEUS_CANDIDATES` and grows ×8 for rows that need more."""
+    their mass reaches ``top_p`` (k = :data:`NUCLEUS_CANDIDATES`). Rows whose candidates hold less (a flat
+    distribution) are sorted whole, those rows only: no slower than the warper's sort, however flat."""
     probs_BV = scores_BV.softmax(dim=-1)
-    V = probs_BV.shape[-1]
-    k = min(NUCLEUS_CANDIDATES, V)
-    while True:
-        top_BK, idx_BK = probs_BV.topk(k, dim=-1)  # descending
-        if k == V or bool((top_BK.sum(-1, dtype=torch.float64) >= top_p).all()):
-            break
-        k = min(V, k * 8)
-    before_BK = top_BK.cumsum(-1, dtype=torch.float64) - top_BK  # the mass of the more likely candidates
-    keep_BK = before_BK < top_p
-    keep_BK[:, 0] = True
-    return torch.zeros_like(probs_BV, dtype=torch.bool).scatter(1, idx_BK, keep_BK)
+    keep_BV = torch.zeros_like(probs_BV, dtype=torch.bool)
+    top_BK, idx_BK = probs_BV.topk(min(NUCLEUS_CANDIDATES, probs_BV.shape[-1]), dim=-1)  # descending
+    wide_B = top_BK.sum(-1, dtype=torch.float64) < top_p
+    for rows, candidates in ((~wide_B, True), (wide_B, False)):
+        if not bool(rows.any()):
+            continue
+        p_BK, i_BK = (top_BK[rows], idx_BK[rows]) if candidates else probs_BV[rows].sort(dim=-1, descending=True)
+        before_BK = p_BK.cumsum(-1, dtype=torch.float64) - p_BK  # the mass of the more likely tokens
+        keep_rows = before_BK < top_p
+        keep_rows[:, 0] = True
+        keep_BV[rows] = torch.zeros_like(probs_BV[rows], dtype=torch.bool).scatter(1, i_BK, keep_rows)
+    return keep_BV
 
 
 def inverse_cdf_sample(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opd_mini import distributed, registry, runs
+from opd_mini import distributed, divergences, registry, runs
 from opd_mini.cli import parse_args, run_cli
 from opd_mini.config import TrainConfig
 from opd_mini.eval import evaluate, held_out_examples
@@ -73,7 +73,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     dist = distributed.setup(cfg)  # [dp] one process unless a launcher started several
     runs.check_out_dir(cfg, main=dist.is_main)
-    with runs.locked_out_dir(cfg.out_dir) if dist.is_main else nullcontext(Path(cfg.out_dir)) as out_dir:  # [dp]
+    with runs.locked_out_dir(cfg.out_dir) if dist.is_main else nullcontext(Path(cfg.out_dir)) as out_dir, \
+            divergences.backend(cfg.divergence_backend):  # [dp]
         return _train(cfg, out_dir)
 
 

@@ -86,10 +86,50 @@ def test_vs_trl_ratio_table_and_floor():
 
 
 @needs_trl
-def test_vs_trl_runs_small():
+def test_vs_trl_runs_small(tmp_path):
+    """The printed table is the one generated from the JSON it writes (BENCHMARKS.md's is generated likewise)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--vocab", "512", "--prompt_len", "8", "--new_tokens",
-                          "4", "--steps", "1", "--threads", "1", "--losses", "reverse_kl_full"],
+                          "4", "--steps", "1", "--threads", "1", "--losses", "reverse_kl_full",
+                          "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| reverse_kl_full | 1 |" in out.stdout and "compute floor" in out.stdout
+    assert "| reverse_kl_full | 1 |" in out.stdout and "Compute floor" in out.stdout
+    assert vs_trl.report(json.loads((tmp_path / "r.json").read_text())) in out.stdout
+
+
+def test_compile_divergence_runs_small():
+    """The torch.compile measurement at a small vocabulary: the three ways' gradients agree."""
+    import compile_divergence
+
+    if compile_divergence.shutil.which("g++") is None and compile_divergence.shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for inductor")
+    res = compile_divergence.measure(vocab=256, batch=2, chunk=3, repeats=1, threads=1, kinds=("reverse", "jsd"))
+    for row in res["rows"]:
+        assert row["max_rel_grad_diff_fused"] < 1e-4 and row["max_rel_grad_diff_compiled"] < 1e-4, row
+        assert row["ms_fused"] > 0 and row["ms_compiled"] > 0
+    assert "| jsd |" in compile_divergence.report(res)
+
+
+def test_cuda_smoke_dry_run_passes_on_the_cpu(tmp_path):
+    """The GPU smoke script's checks, run on the CPU in fp32 at reduced shapes, so that it cannot rot between
+    the runs on a lent GPU."""
+    out = subprocess.run([sys.executable, "benchmarks/cuda_smoke.py", "--dry-run", "--out", str(tmp_path / "s.json")],
+                         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["failed"] == 0 and res["passed"] == len(res["checks"]) >= 15, res["checks"]
+    assert all(c["status"] == "PASS" for c in res["checks"].values())
+
+
+def test_benchmarks_page_tables_are_generated_from_the_committed_measurements():
+    """Every table of BENCHMARKS.md with a JSON in benchmarks/results/ is what its script prints from that JSON."""
+    import tables
+
+    text = tables.PAGE.read_text()
+    blocks = tables.expected()
+    assert {"vs_trl", "vs_trl_plain", "compile_divergence", "profile_decode"} <= set(blocks)
+    for name, block in blocks.items():
+        assert tables.read_block(text, name) == block, f"BENCHMARKS.md's {name} block is stale: python benchmarks/tables.py"
+    assert tables.main(["--check"]) == 0

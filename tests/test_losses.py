@@ -1019,3 +1019,91 @@ def test_the_fused_divergence_equals_the_plain_formula_under_autograd(kind, beta
     torch.testing.assert_close(v_fused, v_ref, rtol=1e-5, atol=1e-6)  # both compute in float32
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(g_fused).all() and (g_fused[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("kind, beta", [("reverse", 0.5), ("forward", 0.5), ("jsd", 0.3)])
+def test_the_compiled_backend_equals_the_fused_divergence(kind, beta):
+    """--divergence_backend compiled (torch.compile of the plain formula) gives the fused function's values and
+    gradients to float rounding, masked garbage and forbidden tokens included; the backend is restored after."""
+    import shutil
+
+    from opd_mini import divergences
+
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler for torch.compile on the CPU")
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(2, 5, 33, generator=g) * 2
+    logq = torch.log_softmax(torch.randn(2, 5, 33, generator=g) * 3, -1)
+    logq[0, 0, :4] = -math.inf
+    mask = torch.rand(2, 5, generator=g) > 0.25
+    z_masked = torch.where(mask[..., None], z, torch.full_like(z, math.nan))
+    w = torch.randn(2, 5, generator=g)
+    floor = -100.0 if kind == "reverse" else None
+    out = {}
+    for name in divergences.BACKENDS:
+        with divergences.backend(name):
+            x = z_masked.clone().requires_grad_()
+            values = divergences.divergence(x, logq, mask, kind, beta, floor)
+            (torch.where(mask, values, 0.0) * w).sum().backward()
+            out[name] = (values[mask], x.grad)
+    assert divergences._backend["name"] == "fused"
+    torch.testing.assert_close(out["compiled"][0], out["fused"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["compiled"][1], out["fused"][1], rtol=1e-5, atol=1e-6)
+    assert (out["compiled"][1][~mask] == 0).all()
+
+
+# ============================================================================================
+# top-K with a tail bucket
+# ============================================================================================
+
+
+def ref_topk_tail(z, lq_full, ids, mask, sampled=None):
+    """Σ over the buckets S ∪ {tail} of p_b (log p_b − log q_b), the tail being everything outside S, by hand."""
+    lp = ref_student_logp(z)
+
+    def pos(b, t):
+        support = sorted({int(v) for v in ids[b, t]} | ({int(sampled[b, t])} if sampled is not None else set()))
+        rest = [v for v in range(z.shape[-1]) if v not in support]
+        p_tail = sum(torch.exp(lp[b][t][v]) for v in rest)
+        q_tail = sum(math.exp(float(lq_full[b, t, v])) for v in rest)
+        total = sum(torch.exp(lp[b][t][v]) * (lp[b][t][v] - max(float(lq_full[b, t, v]), FLOOR)) for v in support)
+        return total + p_tail * (torch.log(p_tail) - max(math.log(q_tail), FLOOR))
+
+    return ref_average(pos, mask)
+
+
+@pytest.mark.parametrize("sampled", ["none", "inside_topk", "outside_topk"])
+def test_reverse_kl_topk_tail_is_the_reverse_kl_of_the_coarsened_distributions(sampled):
+    """Top-K + tail bucket (TRL's loss_add_tail): value and gradient against the hand-built coarsened KL."""
+    d = make_batch(14, V=6, K=2)
+    ids = d["topk_ids"]
+    kw, y = {}, None
+    if sampled != "none":
+        y = d["tokens"].clone()
+        for b in range(y.shape[0]):
+            for t in range(y.shape[1]):
+                inside = [int(v) for v in ids[b, t]]
+                y[b, t] = inside[1] if sampled == "inside_topk" else [v for v in range(6) if v not in inside][t % 3]
+        kw = {"sampled_ids_BT": y, "teacher_sampled_logp_BT": d["teacher_logp"].gather(-1, y.unsqueeze(-1)).squeeze(-1)}
+    check_against_reference(
+        lambda z: L.reverse_kl_topk(z, ids, d["teacher_logp"].gather(-1, ids), d["mask"], renormalize=False,
+                                    tail=True, **kw),
+        lambda z: ref_topk_tail(z, d["teacher_logp"], ids, d["mask"], sampled=y), d["z"], f"topk tail ({sampled})")
+
+
+def test_topk_tail_stays_exact_when_the_tail_is_below_float_precision():
+    """A confident student (tail mass ~1e-26, far below float32's 1 − Σπ resolution) keeps a finite gradient and
+    the exact value; a student that equals the teacher has zero loss; the tail needs a token outside S."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 2, 7, generator=g)
+    lq = torch.log_softmax(torch.randn(1, 2, 7, generator=g), -1)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    ids = lq.topk(3, -1).indices
+    z[0, 0, ids[0, 0, 0]] = 60.0  # nearly all of the student's mass inside the support: the tail is ~e^-60
+    check_against_reference(lambda x: L.reverse_kl_topk(x, ids, lq.gather(-1, ids), mask, renormalize=False, tail=True),
+                            lambda x: ref_topk_tail(x, lq, ids, mask), z, "topk tail, confident student")
+    same, _ = L.reverse_kl_topk(lq.clone(), ids, lq.gather(-1, ids), mask, renormalize=False, tail=True)
+    assert abs(same.item()) < 1e-6
+    full = lq.topk(7, -1).indices
+    with pytest.raises(ValueError, match="needs a token outside the support"):
+        L.reverse_kl_topk(z, full, lq.gather(-1, full), mask, renormalize=False, tail=True)

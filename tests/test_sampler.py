@@ -372,7 +372,7 @@ def test_method_errors(tiny_model, char_tokenizer):
 
 @pytest.mark.parametrize("V, spread", [(101, 3.0), (2_000, 1.0), (2_000, 0.05), (50_000, 2.0)])
 def test_top_p_without_a_full_sort_equals_the_hf_warper(V, spread):
-    """The nucleus found from the top-k candidates (growing k only for rows whose nucleus is wider) keeps exactly
+    """The nucleus found from the top-k candidates (sorting the whole vocabulary only for rows whose nucleus is wider) keeps exactly
     the tokens of generate's TopPLogitsWarper, on sharp and on flat distributions (flat ones need the fallback).
     In float64, so that no token sits within the two summation orders' rounding of the boundary (in float32 the
     nucleus sums in float64 and is the more accurate of the two)."""
