@@ -58,7 +58,11 @@ METRIC_DOCS: dict[str, str] = {
     "kl/reverse_full": "mean over tokens of the exact reverse KL Σ_v π_θ(v)(log π_θ(v) − log q(v))",
     "kl/forward_full": "mean over tokens of the exact forward KL Σ_v q(v)(log q(v) − log π_θ(v))",
     "kl/jsd": "mean over tokens of the generalized Jensen-Shannon divergence JSD(β)",
-    "kl/reverse_topk": "mean over tokens of the reverse KL inside the teacher's top-K support",
+    "kl/reverse_topk": "mean over tokens of the reverse KL inside the teacher's top-K support (with the tail "
+    "bucket for reverse_kl_topk_tail)",
+    "kl/abs_log_ratio": "mean over tokens of |r_t| = |log π_θ(y_t) − log q(y_t)| (before clipping): unlike the mean "
+    "r_t it cannot average out to 0 while the two disagree",
+    "student/topk_overlap": "fraction of the teacher's top-K tokens that are also among the student's K most likely",
     "opd/neg_reward_frac": "fraction of tokens whose sampled-token reward −r_t is negative (the student "
     "likes y_t more than the teacher): the 'imbalanced signal' of Fu et al. 2026 (before clipping)",
     "opd/clip_frac": "fraction of tokens whose log-ratio r_t was clipped",
@@ -264,7 +268,7 @@ def reverse_kl_sampled_token(
                      behaviour_logp_BT=behaviour_logp_BT)
     check_same_shape("student_logp_BT", student_logp_BT, "teacher_logp_BT", teacher_logp_BT)
     log_ratio = fill_masked(student_logp_BT.detach().float() - teacher_logp_BT.float().clamp(min=LOGP_FLOOR), mask)
-    metrics = {"kl/reverse_sampled": masked_mean(log_ratio, mask),
+    metrics = {"kl/reverse_sampled": masked_mean(log_ratio, mask), "kl/abs_log_ratio": masked_mean(log_ratio.abs(), mask),
                "opd/neg_reward_frac": masked_mean((log_ratio > 0).float(), mask)}
     if clip_log_ratio is not None:
         metrics["opd/clip_frac"] = masked_mean((log_ratio.abs() > clip_log_ratio).float(), mask)
@@ -433,6 +437,9 @@ def reverse_kl_topk(
     logq_k = torch.where(valid_k, logq_k, neg_inf)
     student_mass = torch.logsumexp(logp_k.detach(), -1).exp()
     teacher_mass = torch.logsumexp(logq_k, -1).exp()
+    with torch.no_grad():
+        student_top_BTK = student_logits_BTV.topk(K, dim=-1).indices
+        overlap_BT = (teacher_topk_ids_BTK.long().unsqueeze(-1) == student_top_BTK.unsqueeze(-2)).any(-1).float().mean(-1)
     if tail:
         outside = torch.ones_like(student_logits_BTV, dtype=torch.bool).scatter_(-1, ids, False)
         z_out = fill_masked(student_logits_BTV.float().masked_fill(~outside, float("-inf")).logsumexp(-1, keepdim=True),
@@ -448,7 +455,8 @@ def reverse_kl_topk(
     loss = masked_sum(kl_BT, mask) / denominator(mask, num_tokens)
     return loss, {"loss/total": loss.detach(), "kl/reverse_topk": masked_mean(kl_BT, mask),
                   "student/topk_mass": masked_mean(student_mass, mask),
-                  "teacher/topk_mass": masked_mean(teacher_mass, mask)}
+                  "teacher/topk_mass": masked_mean(teacher_mass, mask),
+                  "student/topk_overlap": masked_mean(overlap_BT, mask)}
 
 
 def entropy_aware_kl(
@@ -516,6 +524,7 @@ def opd_grpo(
     mask = check_bt(mask_BT, student_logp_BT=student_logp_BT, teacher_logp_BT=teacher_logp_BT,
                      behaviour_logp_BT=behaviour_logp_BT)
     log_ratio_BT = behaviour_logp_BT - teacher_logp_BT.clamp(min=LOGP_FLOOR)
+    abs_log_ratio = log_ratio_BT[mask].abs().mean() if mask.any() else torch.zeros(())
     if clip_log_ratio:
         log_ratio_BT = log_ratio_BT.clamp(-clip_log_ratio, clip_log_ratio)
     opd_adv_BT = -return_to_go(log_ratio_BT, mask, gamma)
@@ -524,4 +533,5 @@ def opd_grpo(
     loss, metrics = policy_gradient(student_logp_BT, adv_BT, mask, behaviour_logp_BT=behaviour_logp_BT,
                                     num_tokens=num_tokens)
     metrics["kl/reverse_sampled"] = log_ratio_BT[mask].mean() if mask.any() else torch.zeros(())
+    metrics["kl/abs_log_ratio"] = abs_log_ratio
     return loss, metrics
