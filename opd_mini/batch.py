@@ -60,6 +60,7 @@ class Batch:
     rewards_B: torch.Tensor | None = None  # (B,) the task's verifiable reward of each row
     group_size: int = 1  # rows per prompt, consecutive (the GRPO group)
     num_tokens: float | None = None  # the loss normaliser N (the whole step's count); None = mask_BT.sum()
+    truncated_B: torch.Tensor | None = None  # (B,) bool: the completion reached max_new_tokens without an EOS
     # --- the teacher -------------------------------------------------------------------------------------
     teacher_logp_BT: torch.Tensor | None = None  # (B, T) log q(y_t|c_t); 0 where masked
     teacher_entropy_BT: torch.Tensor | None = None  # (B, T) H(q(·|c_t)) in nats; 0 where masked

@@ -17,6 +17,8 @@ TRAIN_METRIC_DOCS: dict[str, str] = {
     "optim/grad_norm": "global gradient norm before clipping",
     "rollout/num_tokens": "masked-in completion tokens of the step (the loss normaliser N)",
     "rollout/completion_len": "mean completion length in tokens (EOS included) of the step's rollouts",
+    "rollout/truncated_frac": "fraction of the step's rollouts cut at max_new_tokens without an EOS (TRL's "
+    "completions/clipped_ratio)",
     "time/sample": "seconds spent generating rollouts this step",
     "rollout/on_policy": "with --lmbda below 1: 1 when this step trained on the student's own samples, 0 when the "
     "teacher sampled it",

@@ -22,7 +22,7 @@ from opd_mini.batch import Batch
 from opd_mini.config import TrainConfig
 from opd_mini.eval import adapter_disabled
 from opd_mini.models import Models, TeacherRef
-from opd_mini.sampler import sample, with_prompts
+from opd_mini.sampler import eos_token_ids, sample, with_prompts
 from opd_mini.tasks import Example, Task, task_of
 from opd_mini.teacher import score
 
@@ -102,10 +102,15 @@ def finish_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Examp
     """The loop's fields of a sampled batch: the rewards, the GRPO group, the special-token mask; on ``device``."""
     batch = batch.to(device)
     mask_BT = batch.mask_BT
+    lengths_B = mask_BT.sum(1)  # the completion up to and including its first EOS
+    last_B = batch.tokens_BT.gather(1, (lengths_B - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    eos_B = torch.isin(last_B, torch.tensor(eos_token_ids(m.student, m.tokenizer), device=last_B.device))
+    truncated_B = (lengths_B >= cfg.max_new_tokens) & ~eos_B
     if cfg.mask_special_tokens:
         mask_BT = losses.mask_special_tokens(mask_BT, batch.tokens_BT, m.tokenizer.all_special_ids)
     rewards_B = torch.tensor(task.rewards(batch.completions, [examples[j] for j in batch.prompt_index_B.tolist()]))
-    return batch.replace(mask_BT=mask_BT, rewards_B=rewards_B.to(device), group_size=cfg.num_generations)
+    return batch.replace(mask_BT=mask_BT, rewards_B=rewards_B.to(device), group_size=cfg.num_generations,
+                         truncated_B=truncated_B)
 
 
 @dataclasses.dataclass

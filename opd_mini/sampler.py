@@ -37,7 +37,7 @@ NEUTRAL_GENERATION = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_s
 NEUTRAL_SAMPLING = dict(min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)  # only read when sampling
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     """EOS ids from the tokenizer and the model's generation config (some models list several)."""
     ids: list[int] = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -193,7 +193,7 @@ def sample(
         raise ValueError("behaviour_logp='decode' needs method='decode' (generate does not keep the log-probs)")
     rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
                                  max_length=_max_context(model), max_new_tokens=max_new_tokens)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos_ids)
     device = next(model.parameters()).device
 

@@ -208,8 +208,10 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         progress.step, progress.train_time = step, progress.train_time + step_time
 
         rewards_B = dist.cat(torch.cat([p.batch.rewards_B for p in pieces]).cpu())  # [dp] every process's rows
+        truncated_B = dist.cat(torch.cat([p.batch.truncated_B for p in pieces]).float().cpu())  # [dp]
         row = {"step": step, **metrics.result(), "optim/lr": lr, "optim/grad_norm": grad_norm,
                "rollout/num_tokens": num_tokens, "rollout/completion_len": num_tokens / rewards_B.shape[0],
+               "rollout/truncated_frac": float(truncated_B.mean()),
                "reward/mean": float(rewards_B.mean()), **_per_task_rewards(run, pieces),
                **({"rollout/on_policy": float(on_policy)} if cfg.lmbda < 1 else {}),
                "time/sample": t_sample, "time/score": t_score, "time/train": t_train, "time/step": step_time,

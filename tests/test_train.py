@@ -67,6 +67,7 @@ def test_two_steps_of_each_loss_through_the_cli(loss, model_paths, tmp_path, cap
     for row in rows[1:]:
         assert math.isfinite(row["loss/total"]) and row["rollout/num_tokens"] > 0
         assert {"time/sample", "time/score", "time/train", "optim/lr", "optim/grad_norm"} <= set(row)
+        assert 0.0 <= row["rollout/truncated_frac"] <= 1.0
     assert "eval/pass@1" in rows[0] and "eval/pass@1" in rows[-1]
     # every logged key is explained in the glossary
     undocumented = {k for r in rows for k in r} - set(METRIC_DOCS)
@@ -213,3 +214,27 @@ def test_self_distillation_stays_at_the_base_model_under_adam(model_paths, tmp_p
     assert summary["final_eval"]["eval/kl_reverse"] == pytest.approx(0.0, abs=1e-7)
     lora_b = [v for k, v in trainable_state(tmp_path / "self").items() if "lora_B" in k]
     assert lora_b and max(float(v.abs().max()) for v in lora_b) < 1e-6
+
+
+def test_truncated_fraction_counts_rows_cut_at_max_new_tokens_without_eos():
+    """rollout/truncated_frac's rows: a completion that used every token without an EOS is truncated; one whose
+    last allowed token is the EOS, or that stopped earlier, is not."""
+    import types
+
+    from opd_mini.batch import Batch
+    from opd_mini.rollouts import finish_batch
+    from opd_mini.tasks import get_task
+
+    eos = 2
+    task = get_task("reverse:3")
+    examples = task.examples(3, seed=0)
+    tokens = torch.tensor([[5, 6, 7, 8], [5, 6, 7, eos], [5, eos, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    batch = Batch(tokens_BT=tokens, mask_BT=mask, prompt_index_B=torch.arange(3), completions=["a", "b", "c"])
+    m = types.SimpleNamespace(student=types.SimpleNamespace(), tokenizer=types.SimpleNamespace(eos_token_id=eos,
+                                                                                             all_special_ids=[eos]))
+    cfg = TrainConfig(max_new_tokens=4)
+    out = finish_batch(cfg, m, batch, examples, task, torch.device("cpu"))
+    assert out.truncated_B.tolist() == [True, False, False]
+    cfg = TrainConfig(max_new_tokens=4, mask_special_tokens=True)  # the loss mask drops EOS; the count does not move
+    assert finish_batch(cfg, m, batch, examples, task, torch.device("cpu")).truncated_B.tolist() == [True, False, False]
