@@ -316,6 +316,13 @@ def _entropy_aware(logits_BTV, b: Batch, o: LossOptions):
                             num_tokens=b.num_tokens)
 
 
+@register("supervised_kd", kind="distribution", signal="full", rollouts="teacher")
+def _supervised_kd(logits_BTV, b: Batch, o: LossOptions):
+    """Baseline: supervised KD, the forward KL to the teacher's whole distribution on the teacher's own samples
+    (word-level KD; GKD with λ = 0): dense like OPD, off-policy like SFT."""
+    return losses.forward_kl_full(logits_BTV, b.teacher_logp_BTV, b.mask_BT, num_tokens=b.num_tokens)
+
+
 @register("sft", kind="token", signal=None, rollouts="teacher")
 def _sft(logp_BT, b: Batch, o: LossOptions):
     """Baseline: the teacher generates, the student does cross-entropy on its samples (off-policy)."""

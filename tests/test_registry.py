@@ -170,6 +170,7 @@ def test_built_in_registered_losses_are_their_functions(clean_registry):
                                                   sampled_ids_BT=b.tokens_BT, teacher_sampled_logp_BT=b.teacher_logp_BT,
                                                   renormalize=False, tail=True, num_tokens=n),
         "entropy_aware": L.entropy_aware_kl(z, b.teacher_logp_BTV, b.mask_BT, entropy_threshold=0.7, num_tokens=n),
+        "supervised_kd": L.forward_kl_full(z, b.teacher_logp_BTV, b.mask_BT, num_tokens=n),
         "sft": L.sft_cross_entropy(logp, b.mask_BT, num_tokens=n),
         "grpo": L.policy_gradient(logp, L.grpo_advantages(b.rewards_B, 3, normalize_std=False), b.mask_BT,
                                   behaviour_logp_BT=b.behaviour_logp_BT, num_tokens=n),

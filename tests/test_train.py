@@ -51,6 +51,7 @@ VARIANT_OPTIONS = {
     "reverse_kl_topk_tail": dict(top_k=3, add_sampled_token="false", lmbda=0.5),
     "entropy_aware": dict(entropy_threshold=0.5, lr_schedule="linear", divergence_backend="compiled"),
     "sft": dict(grad_accum=2),
+    "supervised_kd": dict(loss_chunk_size=2, teacher_sample_pool=4),
     "grpo": dict(num_generations=2, loss_chunk_size=2),
     "opd_grpo": dict(reward_weight=0.5, gamma=1.0, top_p=0.9, top_k_sampling=20),
 }
