@@ -275,10 +275,11 @@ def test_import_graph_has_no_cycle_and_no_private_imports():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
-    # the layering the package promises: divergences → losses → batch → registry → forward → {sampler, student, teacher}
+    # the layering the package promises: {divergences, advantages} → losses → batch → registry → forward → {sampler, student, teacher}
     # → rollouts → train, and only the command built on the loop (ablate) imports train
     assert graph["opd_mini.divergences"] == graph["opd_mini.tensors"] == graph["opd_mini.options"] == set()
-    assert graph["opd_mini.losses"] == {"opd_mini.divergences", "opd_mini.tensors"}
+    assert graph["opd_mini.advantages"] == {"opd_mini.tensors"}
+    assert graph["opd_mini.losses"] == {"opd_mini.advantages", "opd_mini.divergences", "opd_mini.tensors"}
     assert graph["opd_mini.batch"] == {"opd_mini.losses"}
     assert graph["opd_mini.registry"] == {"opd_mini.losses", "opd_mini.batch", "opd_mini.options"}
     assert graph["opd_mini.forward"] <= {"opd_mini.losses", "opd_mini.batch"}
