@@ -4,9 +4,10 @@ Every field has one name from start to end, with its shape in the suffix (``B`` 
 positions, ``L`` = P + T sequence positions, ``V`` vocabulary, ``K`` the teacher's top-K, ``H`` hidden)::
 
     sampler  (opd_mini.sampler.sample)      input_ids_BL, attention_mask_BL, prompt_len, prompt_index_B,
-                                            tokens_BT, mask_BT, behaviour_logp_BT, completions, prompt_texts
+                                            tokens_BT, mask_BT, behaviour_logp_BT, completions, prompt_texts,
+                                            slipped_BT (with --slip_prob)
     loop     (opd_mini.train)               rewards_B, group_size, num_tokens  (and mask_BT narrowed by
-                                            --mask_special_tokens)
+                                            --mask_special_tokens and by slipped_BT)
     teacher  (opd_mini.teacher.score)       teacher_logp_BT, teacher_entropy_BT, and what the loss asks for:
                                             teacher_topk_ids_BTK / teacher_topk_logp_BTK, or teacher_logp_BTV,
                                             or teacher_hidden_BTH + teacher_head (the fused path)
@@ -56,6 +57,8 @@ class Batch:
     completions: list[str] = field(default_factory=list)  # decoded completion text up to the first EOS
     prompt_texts: list[str] = field(default_factory=list)  # the prompts as fed to the tokenizer, one per prompt
     behaviour_logp_BT: torch.Tensor | None = None  # (B, T) log π_behaviour(y_t|c_t) at sampling time; 0 where masked
+    slipped_BT: torch.Tensor | None = None  # (B, T) bool: the environment swapped this token (--slip_prob): not the
+    #                                        policy's action, so the loop leaves it out of mask_BT; None: no slips
     # --- the loop ----------------------------------------------------------------------------------------
     rewards_B: torch.Tensor | None = None  # (B,) the task's verifiable reward of each row
     group_size: int = 1  # rows per prompt, consecutive (the GRPO group)

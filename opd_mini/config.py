@@ -121,7 +121,8 @@ class TrainConfig(LossOptions):
     teacher_template: str = opt("", "the teacher's prompt, from the example's fields, e.g. '{prompt} (the answer is "
                                 "{answer})': the teacher scores the student's completion behind this prompt instead of "
                                 "the student's (privileged-context self-distillation, with --teacher self: no second "
-                                "copy); empty = the student's prompt")
+                                "copy), or '{hidden}{prompt}' with a hidden:RHO:SPEC task (a flag only the teacher reads); "
+                                "empty = the student's prompt")
     sampler: str = opt("decode", "rollout sampler: decode (the package's KV-cache loop: inverse-CDF draws, top-p "
                        "without a full sort, log-probs recorded while decoding; the fast path) or generate (Hugging "
                        "Face generate, then one forward for the behaviour log-probs; the readable reference, other "
@@ -129,6 +130,12 @@ class TrainConfig(LossOptions):
                        "so r_t stays exactly 0", choices=("decode", "generate"))
     top_p: float = opt(1.0, "nucleus sampling of the rollouts (1 = off)", gt=0, le=1)
     top_k_sampling: int = opt(0, "sample from the k most likely tokens only (0 = off)", ge=0)
+    slip_prob: float = opt(0.0, "an environment that slips (the DAgger setting): each emitted move of a task with "
+                           "slip_moves (walk:N, route:N:K: L <-> R) is swapped with this probability after the policy "
+                           "drew it, in the training rollouts and at evaluation alike; a slipped token is left out of "
+                           "the loss (decode sampler only; 0 = off)", ge=0, lt=1)
+    slip_train: bool = opt(True, "with --slip_prob: whether the training rollouts slip too (false: clean training "
+                           "walks, e.g. behaviour cloning on clean teacher walks, while evaluation still slips)")
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = opt(50, "evaluate every N steps, and at step 0 and the last step (0 = only those two)", ge=0)
@@ -195,6 +202,11 @@ class TrainConfig(LossOptions):
         if self.divergence_backend == "compiled" and self.device != "cuda" and not _cxx_compiler():
             raise ValueError("divergence_backend='compiled' needs a C++ compiler on the CPU (torch.compile's inductor "
                              "builds its kernels with one): install g++ or clang++, or leave it at 'fused'")
+        if not self.slip_train and self.slip_prob == 0:
+            raise ValueError("slip_train=false has no effect without slips: give --slip_prob above 0, or drop it")
+        if self.slip_prob > 0 and self.sampler != "decode":
+            raise ValueError(f"slip_prob={self.slip_prob} needs --sampler decode (generate cannot swap a token after "
+                             "drawing it)")
         if spec.reward and self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations} is out of range for loss={self.loss}: "
                              "it must be >= 2 (the group baseline needs several samples per prompt)")
@@ -327,7 +339,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 
 #: The fields of an example a ``teacher_template`` may name.
-TEMPLATE_FIELDS = ("prompt", "answer")
+TEMPLATE_FIELDS = ("prompt", "answer", "hidden")
 
 
 def template_fields(template: str) -> list[str]:

@@ -101,8 +101,8 @@ def evaluate(
     ``eval/retention_pass@1``, and with ``sample_init`` (π₀'s samples, like ``sample_teacher``) also
     ``eval/retention_kl_to_init``, KL(π₀ ‖ π_θ) on the retention prompts. Sampling is seeded, so two evaluations of the
     same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
-    part by default; at most its size). ``sampler_options`` (``method``, ``behaviour_logp``) go to
-    :func:`opd_mini.sampler.sample`. Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
+    part by default; at most its size). ``sampler_options`` (``method``, ``behaviour_logp``, ``slip``) go to
+    :func:`opd_mini.sampler.sample` (the retention task's draws never slip: slips belong to the trained task). Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
     """
     examples = held_out_examples(task, num_prompts, seed, split)
     num_prompts = len(examples)
@@ -131,7 +131,7 @@ def evaluate(
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             use_chat_template=use_chat_template, prefix="retention/", split="all",
-                            sample_teacher=sample_init, sampler_options=sampler_options)
+                            sample_teacher=sample_init, sampler_options={**(sampler_options or {}), "slip": None})
         out[f"{prefix}retention_pass@1"] = retained["retention/pass@1"]
         if sample_init is not None:
             out[f"{prefix}retention_kl_to_init"] = retained["retention/kl_forward"]

@@ -19,6 +19,8 @@ TRAIN_METRIC_DOCS: dict[str, str] = {
     "rollout/completion_len": "mean completion length in tokens (EOS included) of the step's rollouts",
     "rollout/truncated_frac": "fraction of the step's rollouts cut at max_new_tokens without an EOS (TRL's "
     "completions/clipped_ratio)",
+    "rollout/slipped_frac": "with --slip_prob: fraction of the emitted tokens of the step's rollouts that the "
+    "environment swapped (left out of the loss)",
     "time/sample": "seconds spent generating rollouts this step",
     "rollout/on_policy": "with --lmbda below 1: 1 when this step trained on the student's own samples, 0 when the "
     "teacher sampled it",

@@ -45,6 +45,7 @@ class Models:
     student_path: str
     teacher_path: str
     teachers: dict[str, TeacherRef] = field(default_factory=dict)  # task spec -> its teacher (--teachers)
+    slip: Any = None  # the environment's slip on this tokenizer (opd_mini.sampler.Slip, --slip_prob); None: no slips
 
     @property
     def scorer(self):
@@ -112,8 +113,21 @@ def effective_config(cfg: TrainConfig, task) -> TrainConfig:
     prompt in a step is refused."""
     from dataclasses import fields as dc_fields
 
+    from opd_mini.config import template_fields
     from opd_mini.tasks import MixTask
 
+    if cfg.slip_prob > 0 and task.slip_moves is None:
+        raise ValueError(f"slip_prob={cfg.slip_prob}: task {task.name} has no moves that can slip (walk:N and route:N:K "
+                         "have; a mixture only when every part has the same): drop --slip_prob or change --task")
+    if "hidden" in template_fields(cfg.teacher_template):
+        parts = [t for t, _ in task.parts] if isinstance(task, MixTask) else [task]
+        if any(t.visible_context for t in parts):
+            raise ValueError(f"teacher_template={cfg.teacher_template!r} reads {{hidden}}, but task {task.name} already shows "
+                             "the flag in the student's prompt (visible:RHO:SPEC): drop {hidden} from the template, or "
+                             "use hidden:RHO:SPEC")
+        if not all(t.hidden_context for t in parts):
+            raise ValueError(f"teacher_template={cfg.teacher_template!r} reads {{hidden}}, but the examples of task "
+                             f"{task.name} carry no hidden context: use a hidden:RHO:SPEC task, or drop {{hidden}}")
     if isinstance(task, MixTask) and cfg.teacher_sample_pool:
         raise ValueError(f"teacher_sample_pool={cfg.teacher_sample_pool} is not supported with a mixture of tasks "
                          f"({task.name}); use 0 (fresh teacher samples every step)")

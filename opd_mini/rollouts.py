@@ -32,10 +32,12 @@ def chat(cfg: TrainConfig) -> bool | str:
     return {"auto": "auto", "yes": True, "no": False}[cfg.use_chat_template]
 
 
-def sampler_options(cfg: TrainConfig, teacher: TeacherRef | None) -> dict:
+def sampler_options(cfg: TrainConfig, teacher: TeacherRef | None, slip=None) -> dict:
     """``--sampler``; with the student's own base as the teacher the behaviour log-probs come from a forward
-    (bit-identical to the teacher's scoring, so r_t = 0 exactly), not from the decoding loop."""
-    return dict(method=cfg.sampler, behaviour_logp="forward" if teacher is not None and teacher.is_student_base else None)
+    (bit-identical to the teacher's scoring, so r_t = 0 exactly), not from the decoding loop; ``slip``: the
+    environment's (:class:`opd_mini.sampler.Slip`, or None)."""
+    return dict(method=cfg.sampler, behaviour_logp="forward" if teacher is not None and teacher.is_student_base else None,
+                slip=slip)
 
 
 def on_policy_step(cfg: TrainConfig, step_index: int) -> bool:
@@ -48,7 +50,7 @@ def teacher_prompts(cfg: TrainConfig, examples: list[Example]) -> list[str]:
     student's own prompt."""
     if not cfg.teacher_template:
         return [e.prompt for e in examples]
-    return [cfg.teacher_template.format(prompt=e.prompt, answer=e.answer) for e in examples]
+    return [cfg.teacher_template.format(prompt=e.prompt, answer=e.answer, hidden=e.hidden) for e in examples]
 
 
 def sample_seed(seed: int, step_index: int, micro: int) -> int:
@@ -60,11 +62,13 @@ def sample_batch(cfg: TrainConfig, m: Models, examples: list[Example], *, by_tea
                  seed: int, num_generations: int | None = None, exact: bool = False) -> Batch:
     """``num_generations`` samples per example: the student's (on-policy), or with ``by_teacher`` the teacher's,
     drawn behind the teacher's own prompt and returned behind the student's (what the student trains on).
-    ``exact``: from the model's own distribution (temperature 1, no top-p or top-k), as a KL estimate needs."""
+    ``exact``: from the model's own distribution (temperature 1, no top-p or top-k, no slips), as a KL estimate
+    needs; otherwise the environment slips (``--slip_prob``) unless ``--slip_train false``."""
     filters = dict(temperature=1.0, top_p=1.0, top_k=0) if exact else dict(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k_sampling)
+    slip = m.slip if cfg.slip_train and not exact else None
     kwargs = dict(num_generations=num_generations or cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
-                  use_chat_template=chat(cfg), seed=seed, **filters, **sampler_options(cfg, teacher))
+                  use_chat_template=chat(cfg), seed=seed, **filters, **sampler_options(cfg, teacher, slip))
     if not by_teacher:
         return sample(m.student, m.tokenizer, [e.prompt for e in examples], **kwargs)
     with adapter_disabled(m.student, enabled=teacher.is_student_base):
@@ -99,7 +103,8 @@ def score_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Exampl
 
 def finish_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Example], task: Task,
                  device: torch.device) -> Batch:
-    """The loop's fields of a sampled batch: the rewards, the GRPO group, the special-token mask; on ``device``."""
+    """The loop's fields of a sampled batch: the rewards, the GRPO group, the special-token mask, slipped tokens out
+    of the loss; on ``device``."""
     batch = batch.to(device)
     mask_BT = batch.mask_BT
     lengths_B = mask_BT.sum(1)  # the completion up to and including its first EOS
@@ -108,6 +113,8 @@ def finish_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Examp
     truncated_B = (lengths_B >= cfg.max_new_tokens) & ~eos_B
     if cfg.mask_special_tokens:
         mask_BT = losses.mask_special_tokens(mask_BT, batch.tokens_BT, m.tokenizer.all_special_ids)
+    if batch.slipped_BT is not None:  # the environment's moves, not the policy's: no loss on them
+        mask_BT = mask_BT & ~batch.slipped_BT
     rewards_B = torch.tensor(task.rewards(batch.completions, [examples[j] for j in batch.prompt_index_B.tolist()]))
     return batch.replace(mask_BT=mask_BT, rewards_B=rewards_B.to(device), group_size=cfg.num_generations,
                          truncated_B=truncated_B)

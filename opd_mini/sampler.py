@@ -18,6 +18,8 @@ filtered by top-k and top-p:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from opd_mini.forward import base_model, project_logits, sampled_token_logprobs
@@ -27,6 +29,47 @@ from opd_mini.batch import Batch, completion_mask_from_ids, position_ids_from_ma
 METHODS = ("generate", "decode")
 #: Where ``behaviour_logp`` comes from: a forward pass after sampling, or the logits seen while decoding.
 BEHAVIOUR_LOGP = ("forward", "decode")
+
+
+@dataclass(frozen=True)
+class Slip:
+    """An environment that slips (the DAgger setting): each emitted token that has a partner in ``swap`` is
+    replaced by that partner with probability ``prob``, after the policy has drawn it (``L`` ↔ ``R`` on a walk).
+    The completion records the token that was emitted, so the policy reads where it really is; a slipped
+    token is not the policy's action, so the loop leaves it out of the loss (``Batch.slipped_BT``). The
+    draws come from the sampler's seeded RNG, one uniform number per row and step, after the token's."""
+
+    prob: float
+    swap: dict  # token id -> token id (both directions)
+
+    def __post_init__(self):
+        if not 0.0 <= self.prob < 1.0:
+            raise ValueError(f"the slip probability must lie in [0, 1), got {self.prob}")
+
+
+def slip_for(tokenizer, moves: tuple[str, str] | None, prob: float) -> Slip | None:
+    """The :class:`Slip` that swaps the two ``moves`` (a task's ``slip_moves``, one token each) with probability
+    ``prob``; None when ``prob`` is 0. A task without moves, or moves that are not single tokens, is a ValueError."""
+    if prob == 0:
+        return None
+    if moves is None:
+        raise ValueError("this task has no moves that can slip (a task's slip_moves, e.g. walk:N and route:N:K): "
+                         "drop --slip_prob or use such a task")
+    ids = [tokenizer(m, add_special_tokens=False)["input_ids"] for m in moves]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the slip moves {moves} must be one token each for this tokenizer, got {ids}")
+    a, b = ids[0][0], ids[1][0]
+    return Slip(prob, {a: b, b: a})
+
+
+def apply_slip(y_B: torch.Tensor, slip: Slip, live_B: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens after the slip, (B,) bool: which slipped); rows not ``live_B`` (ended) never slip."""
+    u_B = torch.rand(y_B.shape, dtype=torch.float64, device=y_B.device, generator=generator)
+    partner_B = y_B.clone()
+    for a, b in slip.swap.items():
+        partner_B[y_B == a] = b
+    slipped_B = (u_B < slip.prob) & (partner_B != y_B) & live_B
+    return torch.where(slipped_B, partner_B, y_B), slipped_B
 
 
 #: Passed to every ``generate`` call so that a model's own generation defaults (many hub models ship a
@@ -158,6 +201,7 @@ def sample(
     seed: int | None = None,
     method: str = "decode",
     behaviour_logp: str | None = None,
+    slip: Slip | None = None,
 ) -> Batch:
     """Sample ``num_generations`` completions per prompt from ``model`` (KV cache, no grad).
 
@@ -176,7 +220,8 @@ def sample(
     the fast loop; other samples for the same seed). ``behaviour_logp``: ``"forward"`` (one forward
     after sampling: bit-identical to the trainer's and the teacher's forward) or ``"decode"`` (recorded
     while decoding; only with ``method="decode"``); None picks ``method``'s own ("forward" for generate,
-    "decode" for decode).
+    "decode" for decode). ``slip``: an environment that swaps some emitted tokens (:class:`Slip`; decode only);
+    the batch's ``slipped_BT`` marks them.
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -191,6 +236,9 @@ def sample(
         raise ValueError(f"behaviour_logp must be one of {', '.join(BEHAVIOUR_LOGP)}; got {behaviour_logp!r}")
     if behaviour_logp == "decode" and method != "decode":
         raise ValueError("behaviour_logp='decode' needs method='decode' (generate does not keep the log-probs)")
+    if slip is not None and method != "decode":
+        raise ValueError("slips (--slip_prob) need the decode sampler (--sampler decode): generate cannot swap a token "
+                         "after drawing it")
     rows, texts = encode_prompts(tokenizer, prompts, use_chat_template=use_chat_template,
                                  max_length=_max_context(model), max_new_tokens=max_new_tokens)
     eos_ids = eos_token_ids(model, tokenizer)
@@ -212,10 +260,12 @@ def sample(
             if seed is not None:
                 torch.manual_seed(seed)
             prompt_ids_BP, prompt_mask_BP = prompt_ids_BP.to(device), prompt_mask_BP.to(device)
+            slipped_BT = None
             if method == "decode":
-                completion_ids_BT, logp_BT = decode(model, prompt_ids_BP, prompt_mask_BP, max_new_tokens=max_new_tokens,
-                                                    vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id,
-                                                    temperature=temperature, top_p=top_p, top_k=top_k)
+                completion_ids_BT, logp_BT, *slipped = decode(
+                    model, prompt_ids_BP, prompt_mask_BP, max_new_tokens=max_new_tokens, vocab_size=vocab, eos_ids=eos_ids,
+                    pad_id=pad_id, temperature=temperature, top_p=top_p, top_k=top_k, slip=slip)
+                slipped_BT = slipped[0] if slip is not None else None
             else:
                 completion_ids_BT = _generate(model, prompt_ids_BP, prompt_mask_BP, max_new_tokens=max_new_tokens,
                                               head_rows=head_rows, vocab_size=vocab, eos_ids=eos_ids, pad_id=pad_id,
@@ -223,6 +273,8 @@ def sample(
                 logp_BT = torch.zeros(completion_ids_BT.shape, device=device)
             rollouts = _assemble(tokenizer, prompt_ids_BP, prompt_mask_BP, completion_ids_BT, eos_ids, pad_id, logp_BT,
                                  prompt_index_B.to(device), texts)
+            if slipped_BT is not None:
+                rollouts.slipped_BT = slipped_BT & rollouts.mask_BT
             if behaviour_logp == "forward":
                 # One chunked no-grad forward of the same weights (still in eval mode) rather than
                 # generate(output_logits=True), which would keep T × (B, V) fp32 logits in memory.
@@ -329,8 +381,10 @@ def inverse_cdf_sample(probs_BV: torch.Tensor, generator: torch.Generator | None
 @torch.no_grad()
 def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, max_new_tokens: int,
            vocab_size: int, eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample completions with a KV cache; returns ``(completion_ids_BT, behaviour_logp_BT)``.
+           top_k: int = 0, generator: torch.Generator | None = None,
+           slip: Slip | None = None) -> tuple[torch.Tensor, ...]:
+    """Sample completions with a KV cache; returns ``(completion_ids_BT, behaviour_logp_BT)``, and with a ``slip``
+    also ``slipped_BT`` (the tokens the environment swapped after the draw: :class:`Slip`).
 
     One forward of the decoder over the left-padded prompts fills the cache; then, per new token, the
     output head on the last hidden state (:func:`opd_mini.forward.project_logits`, trimmed to
@@ -352,7 +406,7 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
     out = decoder(input_ids=prompt_ids_BP, attention_mask=mask_BL, position_ids=position_ids_from_mask(mask_BL),
                   past_key_values=cache, use_cache=True)
     ended_B = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps = [], []
+    tokens, logps, slips = [], [], []
     for t in range(max_new_tokens):
         logits_BV = project_logits(model, out.last_hidden_state[:, -1], vocab_size).float()
         lse_B1 = logits_BV.logsumexp(dim=-1, keepdim=True)
@@ -364,6 +418,9 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
             y_B = inverse_cdf_sample((logits_BV - lse_B1).exp_(), generator)
         else:
             y_B = inverse_cdf_sample(filter_logits(logits_BV, temperature, top_k, top_p).softmax(dim=-1), generator)
+        if slip is not None:  # the environment may swap the drawn move; the emitted token is what the row reads
+            y_B, slipped_B = apply_slip(y_B, slip, ~ended_B, generator)
+            slips.append(slipped_B)
         logp_B = (logits_BV.gather(1, y_B.unsqueeze(1)) - lse_B1).squeeze(1)
         y_B = y_B.masked_fill(ended_B, pad_id)
         tokens.append(y_B)
@@ -374,7 +431,8 @@ def decode(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, *, 
         mask_BL = torch.cat([mask_BL, mask_BL.new_ones(B, 1)], dim=1)
         out = decoder(input_ids=y_B.unsqueeze(1), attention_mask=mask_BL,
                       position_ids=(mask_BL.sum(dim=1, keepdim=True) - 1), past_key_values=cache, use_cache=True)
-    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+    out = (torch.stack(tokens, dim=1), torch.stack(logps, dim=1))
+    return (out + (torch.stack(slips, dim=1),)) if slip is not None else out
 
 
 def with_prompts(rollouts: Batch, tokenizer, prompts: list[str], *, use_chat_template: bool | str = "auto",

@@ -17,6 +17,9 @@ Specs understood by :func:`get_task` out of the box::
     reverse:N          reverse an N-digit string           "0412>"      -> "2140"
     add:N              add two N-digit numbers             "123+456="   -> "579"
     walk:N             walk from one of N positions to another "2>5="   -> "RRR" (any walk that ends there)
+    route:N:K          walk through K waypoints in order     "2>5>3="  -> "RRRLL" (route:N:1 = walk:N)
+    hidden:RHO:SPEC    SPEC's examples, each flagged with probability RHO by a hidden "!" that only a teacher reads
+                       (--teacher_template '{hidden}{prompt}'); visible:RHO:SPEC puts the flag in the prompt
     jsonl:PATH         one {"prompt": ..., "answer": ...} object per line
     hf:NAME[:SPLIT]    a Hugging Face dataset (needs `pip install datasets` and a network)
     A+B, A*3+B         a mixture: every draw of n examples takes from each task its share of n (by weight,
@@ -56,6 +59,7 @@ class Example:
     prompt: str
     answer: str
     task: str = ""  # the spec of the task it came from, set by a mixture (empty for a single task)
+    hidden: str = ""  # context only a teacher reads (teacher_template's {hidden}; hidden:RHO:SPEC sets it)
     where: str = dataclasses.field(default="", compare=False, repr=False)  # its file and line, for messages
 
 
@@ -70,9 +74,14 @@ class Task:
     """A source of examples with an exact-match reward.
 
     Subclasses implement :meth:`_example` (one random example from an RNG) or override :meth:`examples`.
+    ``slip_moves``: two answer characters that an environment slip swaps (``--slip_prob``: the emitted move
+    is replaced by the other one); None for a task without such moves, where slips are refused.
     """
 
     name: str = "task"
+    slip_moves: tuple[str, str] | None = None
+    hidden_context: bool = False  # its examples carry a ``hidden`` field (hidden:RHO:SPEC)
+    visible_context: bool = False  # its prompts show what a hidden task would hide (visible:RHO:SPEC)
 
     def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
         """``n`` examples, deterministic in ``seed`` (different seeds give different draws). A generated
@@ -147,6 +156,8 @@ class WalkTask(Task):
     to come back from them pays (the demo's compounding-errors setting).
     """
 
+    slip_moves = ("L", "R")
+
     def __init__(self, num_positions: int):
         if not 2 <= num_positions <= 10:
             raise ValueError(f"walk:N needs 2 <= N <= 10 positions (single digits), got {num_positions}")
@@ -169,6 +180,128 @@ class WalkTask(Task):
 
     def reward(self, completion: str, example: Example) -> float:
         return float(self.end_position(example.prompt, completion) == int(example.prompt[2]))
+
+
+class RouteTask(Task):
+    """Walk through ``num_waypoints`` waypoints in order on a line of ``num_positions`` positions: ``"2>5>3="``
+    starts at 2 and must visit 5, then end on 3. ``route:N:1`` is ``walk:N``.
+
+    A completion of ``L``/``R`` moves is correct when, followed from the start, it reaches the waypoints in
+    order (passing through one counts) and ends on the last. The reference answer is the direct path, leg by
+    leg, so the horizon grows with K (about 3.7 moves a leg for N = 10): the task of the slippery-route
+    experiment (:mod:`opd_mini.experiments.slips`), where an environment slip (``--slip_prob``) swaps an
+    emitted move and the policy must come back from wherever it lands.
+    """
+
+    slip_moves = ("L", "R")
+
+    def __init__(self, num_positions: int, num_waypoints: int):
+        if not 2 <= num_positions <= 10:
+            raise ValueError(f"route:N:K needs 2 <= N <= 10 positions (single digits), got {num_positions}")
+        if num_waypoints < 1:
+            raise ValueError(f"route:N:K needs K >= 1 waypoints, got {num_waypoints}")
+        self.num_positions, self.num_waypoints = num_positions, num_waypoints
+        self.name = f"route:{num_positions}:{num_waypoints}"
+
+    def _example(self, rng: random.Random) -> Example:
+        stops = [rng.randrange(self.num_positions)]
+        for _ in range(self.num_waypoints):
+            stops.append(rng.choice([p for p in range(self.num_positions) if p != stops[-1]]))
+        answer = "".join(("R" if b > a else "L") * abs(b - a) for a, b in zip(stops, stops[1:]))
+        return Example(prompt=">".join(map(str, stops)) + "=", answer=answer)
+
+    @staticmethod
+    def stops(prompt: str) -> list[int]:
+        """The start and the waypoints of a prompt ``"2>5>3="``: ``[2, 5, 3]``."""
+        return [int(c) for c in prompt.rstrip("=").split(">")]
+
+    @staticmethod
+    def legs_done(prompt: str, moves: str) -> tuple[int, bool]:
+        """(waypoints reached in order, whether the completion is correct) for ``moves`` (cut at EOS, stripped);
+        a character that is not a move ends the walk there."""
+        for stop in STOP_STRINGS:
+            moves = moves.split(stop, 1)[0]
+        moves = moves.strip()
+        stops = RouteTask.stops(prompt)
+        pos, reached, valid = stops[0], 0, True
+        for ch in moves:
+            if ch not in "LR":
+                valid = False
+                break
+            pos += 1 if ch == "R" else -1
+            if reached < len(stops) - 1 and pos == stops[reached + 1]:
+                reached += 1
+        done = len(stops) - 1
+        return reached, valid and reached == done and pos == stops[-1]
+
+    @staticmethod
+    def next_move(prompt: str, moves: str) -> str | None:
+        """The direct path's next move after ``moves`` (a valid move string): toward the next waypoint not yet
+        reached; None once the route is complete and the walk stands on its last stop (then EOS)."""
+        stops = RouteTask.stops(prompt)
+        pos, reached = stops[0], 0
+        for ch in moves:
+            pos += 1 if ch == "R" else -1
+            if reached < len(stops) - 1 and pos == stops[reached + 1]:
+                reached += 1
+        target = stops[min(reached + 1, len(stops) - 1)]
+        if reached == len(stops) - 1 and pos == target:
+            return None
+        return "R" if target > pos else "L"
+
+    def reward(self, completion: str, example: Example) -> float:
+        return float(self.legs_done(example.prompt, completion)[1])
+
+
+class FlagTask(Task):
+    """``hidden:RHO:SPEC``: the examples of task SPEC, each (independently, seeded) flagged with probability
+    ``rho`` by :data:`FLAG` in its ``hidden`` field, which only a teacher reads (``--teacher_template
+    '{hidden}{prompt}'``): a teacher whose behaviour depends on context that the student cannot see.
+    ``visible:RHO:SPEC`` (``visible=True``) writes the same flag in front of the prompt instead, where the student
+    sees it (the control). The flag is drawn per example, not per prompt text, so the student cannot learn it
+    from the prompt; each example is scored by SPEC on its own prompt."""
+
+    FLAG = "!"
+
+    def __init__(self, rho: float, inner: Task, visible: bool = False):
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"{'visible' if visible else 'hidden'}:RHO:SPEC needs 0 <= RHO <= 1, got {rho}")
+        self.rho, self.inner, self.visible = rho, inner, visible
+        self.name = f"{'visible' if visible else 'hidden'}:{rho:g}:{inner.name}"
+        self.slip_moves = inner.slip_moves
+        self.hidden_context, self.visible_context = not visible, visible
+
+    def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
+        rng = random.Random(f"flag/{self.rho:g}/{self.inner.name}/{seed}/{split}")  # hidden and visible: the same flags
+        out = []
+        for e in self.inner.examples(n, seed=seed, split=split):
+            flag = self.FLAG if rng.random() < self.rho else ""
+            out.append(dataclasses.replace(e, prompt=flag + e.prompt) if self.visible else
+                       dataclasses.replace(e, hidden=flag))
+        return out
+
+    def split_size(self, split: str) -> int | None:
+        return self.inner.split_size(split)
+
+    def describe_split(self, split: str) -> str:
+        return self.inner.describe_split(split)
+
+    def reward(self, completion: str, example: Example) -> float:
+        if self.visible and example.prompt.startswith(self.FLAG):
+            example = dataclasses.replace(example, prompt=example.prompt[len(self.FLAG):])
+        return self.inner.reward(completion, example)
+
+
+def _flag_task(arg: str, visible: bool) -> FlagTask:
+    kind = "visible" if visible else "hidden"
+    rho, _, spec = arg.partition(":")
+    try:
+        value = float(rho)
+    except ValueError:
+        value = None
+    if value is None or not spec:
+        raise ValueError(f"task {kind}:{arg}: expected {kind}:RHO:SPEC, e.g. {kind}:0.5:walk:10")
+    return FlagTask(value, get_task(spec), visible=visible)
 
 
 class ListTask(Task):
@@ -238,6 +371,8 @@ class MixTask(Task):
             raise ValueError(f"task {name!r} names a task twice; give each once (weights: A*3+B)")
         self.name, self.parts = name, parts
         self.by_name = {t.name: t for t, _ in parts}
+        moves = {t.slip_moves for t, _ in parts}
+        self.slip_moves = moves.pop() if len(moves) == 1 else None  # slips only where every part has the same moves
 
     def counts(self, n: int) -> list[int]:
         """How many of ``n`` examples each part gives: n·w/Σw rounded by largest remainders."""
@@ -413,6 +548,9 @@ register("jsonl", usage="jsonl:PATH")(lambda arg, eval_fraction=0.1: load_jsonl(
 register("hf", usage="hf:NAME[:SPLIT]")(
     lambda arg, eval_fraction=0.1: load_hf_dataset(_nonempty("hf", arg).partition(":")[0],
                                                    arg.partition(":")[2] or "train", eval_fraction=eval_fraction))
+register("route", usage="route:N:K")(lambda arg: RouteTask(*_int_args("route", arg, "N:K", 2)))
+register("hidden", usage="hidden:RHO:SPEC")(lambda arg: _flag_task(arg, visible=False))
+register("visible", usage="visible:RHO:SPEC")(lambda arg: _flag_task(arg, visible=True))
 
 #: Largest mixture weight: weights are relative, and larger ones only overflow the split of a step's prompts.
 MAX_MIXTURE_WEIGHT = 1e6
@@ -460,6 +598,16 @@ def _int_arg(kind: str, arg: str) -> int:
         return int(arg)
     except ValueError:
         raise ValueError(f"task {kind}:{arg!r}: expected {kind}:N with an integer N, e.g. {kind}:3") from None
+
+
+def _int_args(kind: str, arg: str, usage: str, count: int) -> list[int]:
+    try:
+        values = [int(a) for a in arg.split(":")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise ValueError(f"task {kind}:{arg}: expected {kind}:{usage} with integers, e.g. {kind}:10:2")
+    return values
 
 
 def _nonempty(kind: str, arg: str) -> str:

@@ -48,6 +48,7 @@ from opd_mini.models import TeacherRef, check_teacher_reads_student, effective_c
 from opd_mini.rollouts import (Piece, TeacherPool, chat, finish_batch, micro_batch_pieces, on_policy_step,
                                sample_batch, sampler_options, score_batch, step_examples, teacher_prompts,
                                teacher_view)
+from opd_mini.sampler import slip_for
 from opd_mini.student import loss_and_backward
 from opd_mini.tasks import Example, MixTask, Task, check_vocabulary, get_task
 
@@ -120,6 +121,10 @@ def _setup(cfg: TrainConfig, out_dir: Path) -> tuple[Run, runs.Progress]:
     # evaluation prompts: a file task's held-out split (never trained on), or a separate --eval_task
     eval_task, eval_split, train_split = ((get_task(cfg.eval_task), "all", "all") if cfg.eval_task
                                           else (task, "eval", "train"))
+    if cfg.slip_prob > 0 and eval_task.slip_moves != task.slip_moves:
+        raise ValueError(f"slip_prob={cfg.slip_prob}: the evaluation task {eval_task.name} does not slip the moves of "
+                         f"{task.name} ({task.slip_moves}); evaluate on a task with the same moves")
+    m.slip = slip_for(m.tokenizer, task.slip_moves, cfg.slip_prob)
     params = [p for p in m.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -211,7 +216,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         truncated_B = dist.cat(torch.cat([p.batch.truncated_B for p in pieces]).float().cpu())  # [dp]
         row = {"step": step, **metrics.result(), "optim/lr": lr, "optim/grad_norm": grad_norm,
                "rollout/num_tokens": num_tokens, "rollout/completion_len": num_tokens / rewards_B.shape[0],
-               "rollout/truncated_frac": float(truncated_B.mean()),
+               "rollout/truncated_frac": float(truncated_B.mean()), **_slipped(m, pieces),
                "reward/mean": float(rewards_B.mean()), **_per_task_rewards(run, pieces),
                **({"rollout/on_policy": float(on_policy)} if cfg.lmbda < 1 else {}),
                "time/sample": t_sample, "time/score": t_score, "time/train": t_train, "time/step": step_time,
@@ -280,7 +285,17 @@ def _evaluate_task(run: Run, part: Task, retention: Task | None) -> dict[str, fl
                     k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
                     seed=cfg.seed, use_chat_template=chat(cfg), score_teacher=scorer, sample_teacher=sampler,
                     retention_task=retention, sample_init=init, split=run.eval_split,
-                    sampler_options=sampler_options(cfg, teacher))
+                    sampler_options=sampler_options(cfg, teacher, m.slip))
+
+
+def _slipped(m, pieces: list[Piece]) -> dict[str, float]:
+    """``rollout/slipped_frac`` with slips in the training rollouts (this process's rows)."""
+    if not any(p.batch.slipped_BT is not None for p in pieces):
+        return {}
+    slipped = sum(int(p.batch.slipped_BT.sum()) for p in pieces if p.batch.slipped_BT is not None)
+    emitted = sum(int((p.batch.mask_BT | p.batch.slipped_BT).sum()) if p.batch.slipped_BT is not None
+                  else p.batch.num_masked for p in pieces)
+    return {"rollout/slipped_frac": slipped / max(1, emitted)}
 
 
 def _bare(prompt: str) -> Example:
@@ -292,7 +307,10 @@ def _summary(run: Run, out_dir: Path, progress: runs.Progress) -> dict[str, Any]
     cfg = run.cfg
     held_out = {e.prompt for e in held_out_examples(run.eval_task, cfg.eval_prompts, cfg.seed, run.eval_split)}
     trained = {e.prompt for i in range(progress.step) for e in step_examples(cfg, run.task, i, run.train_split)}
-    summary = {"config": cfg.to_dict(), "ran": run.m.describe(run.spec), "steps_done": progress.step,
+    ran = run.m.describe(run.spec)
+    if run.m.slip is not None:
+        ran["slip"] = {"prob": run.m.slip.prob, "moves": list(run.task.slip_moves), "training_rollouts": cfg.slip_train}
+    summary = {"config": cfg.to_dict(), "ran": ran, "steps_done": progress.step,
                "train_time_s": progress.train_time, "eval_source": run.eval_task.describe_split(run.eval_split),
                "eval_prompts_trained_on": len(held_out & trained) / max(1, len(held_out)),
                "final_eval": progress.history[-1] if progress.history else {}, "eval_history": progress.history,

@@ -40,6 +40,8 @@ class Seen:
 
     def __init__(self):
         self.teacher_prompts, self.methods, self.by_teacher, self.backwards = [], [], [], 0
+        self.slips, self.exact = [], []  # each training draw's slip; whether it drew a KL estimate's samples
+        self.eval_slips = []  # the slip of each draw of the evaluation
 
 
 def _probe_teachers(run):
@@ -95,6 +97,14 @@ def _probe_kl_to_init(run):
     assert run.rows[0]["eval/retention_kl_to_init"] == 0.0 and "eval/retention_kl_to_init" in run.rows[-1]
 
 
+def _probe_slip(run):
+    assert run.summary["ran"]["slip"] == {"prob": 0.9, "moves": ["L", "R"], "training_rollouts": True}
+    assert len(run.seen.slips) == len(run.seen.exact) and not all(run.seen.exact)
+    for slip, exact in zip(run.seen.slips, run.seen.exact):  # every training draw slips, no KL estimate's draw does
+        assert (slip is None) if exact else (slip.prob == 0.9)
+    assert any(s is not None and s.prob == 0.9 for s in run.seen.eval_slips)  # the evaluation slips too
+
+
 def _probe_grad_accum(run):
     assert run.seen.backwards >= 2 * 2  # two micro-batches (or more, one per task) in each of the two steps
 
@@ -113,6 +123,7 @@ OPTIONS = {
     "kl_forward": (dict(eval_kl_forward="true"), _probe_kl_forward),
     "kl_to_init": (dict(eval_kl_to_init="true", retention_task="add:2"), _probe_kl_to_init),
     "grad_accum": (dict(grad_accum=2), _probe_grad_accum),
+    "slip": (dict(task="walk:10", slip_prob=0.9), _probe_slip),
 }
 
 #: Pairs refused in one line, and the message.
@@ -120,6 +131,8 @@ REFUSED = {
     frozenset({"teachers", "quant4"}): "does not apply to --teachers",
     frozenset({"pool", "teachers"}): "not supported with a mixture",
     frozenset({"pool", "mixture"}): "not supported with a mixture",
+    frozenset({"slip", "mixture"}): "no moves that can slip",
+    frozenset({"slip", "teachers"}): "no moves that can slip",
 }
 
 
@@ -148,13 +161,14 @@ class Run:
 
 def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
     from opd_mini import rollouts, train
+    from opd_mini import sampler as sampler_module
 
     flags = dict(lora="true", loss="jsd", steps=2, eval_every=0, lr=1e-2)
     for name in names:
         for k, v in OPTIONS[name][0].items():
             for key, path in assets.items():  # {T}, {PLUGIN}, {ADAPTER}; a template's own fields stay
                 v = v.replace("{" + key + "}", path) if isinstance(v, str) else v
-            flags[k] = v
+            flags[k] = f"{flags[k]}+{v}" if k == "task" and flags.get(k, v) != v else v  # two tasks: their mixture
     seen = Seen()
     real_score, real_sample = rollouts.score, rollouts.sample
     real_sample_batch, real_backward = rollouts.sample_batch, train.loss_and_backward
@@ -165,19 +179,31 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
 
     def sample(model, tokenizer, prompts, **kw):
         seen.methods.append(kw.get("method"))
+        seen.slips.append(kw.get("slip"))
         return real_sample(model, tokenizer, prompts, **kw)
 
     def sample_batch(*args, by_teacher, **kw):
         seen.by_teacher.append(by_teacher)
+        seen.exact.append(kw.get("exact", False))
         return real_sample_batch(*args, by_teacher=by_teacher, **kw)
 
     def backward(*args, **kw):
         seen.backwards += 1
         return real_backward(*args, **kw)
 
+    def eval_sample(model, tokenizer, prompts, **kw):
+        seen.eval_slips.append(kw.get("slip"))
+        return real_sample(model, tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(sampler_module, "sample", eval_sample)  # what opd_mini.eval calls
     monkeypatch.setattr(rollouts, "score", score)
     monkeypatch.setattr(rollouts, "sample", sample)
     monkeypatch.setattr(rollouts, "sample_batch", sample_batch)
+    def eval_sample_batch(*args, **kw):  # the evaluation's teacher samples (a KL estimate's)
+        seen.exact.append(kw.get("exact", False))
+        return real_sample_batch(*args, **kw)
+
+    monkeypatch.setattr(train, "sample_batch", eval_sample_batch)
     monkeypatch.setattr(train, "loss_and_backward", backward)
     code = train.main(loop_args(student, teacher, out, **flags))
     return code, capsys.readouterr().err, seen
