@@ -11,6 +11,10 @@ teachers and students they start from (committed under ``assets/worlds``, rebuil
 #: name -> (module, one line on what it asks)
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "demo": ("opd_mini.experiments.demo", "why OPD learns fast, or does not: four settings × SFT, OPD variants, GRPO"),
+    "slips": ("opd_mini.experiments.slips", "compounding errors on a slippery route: K waypoints × slip rate, BC, "
+              "DART, OPD, GRPO (where on-policy data pays, and where it does not)"),
+    "hidden": ("opd_mini.experiments.hidden", "a student above its teacher: a teacher noisy behind a flag the student "
+               "cannot see (geometric against arithmetic mean)"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
                    "OPD stays put"),
     "retention": ("opd_mini.experiments.retention", "learning a new skill: the old one forgotten at matched "

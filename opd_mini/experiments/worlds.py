@@ -13,9 +13,17 @@ The kinds of training data:
   is taken only on what follows them: the direct path from wherever those moves led (walk tasks).
   The model learns to come back from states that its own clean answers never visit, while its
   samples still take the direct path (a teacher trained like this knows how to repair a mistake);
+* ``detour``: route and walk tasks: the direct path walked through an environment that slips (each move
+  swapped, ``L`` ↔ ``R``, with probability ``p``), and from wherever a slip lands the direct path on to the
+  next waypoint; no loss on the slipped moves (they are the environment's, not the model's). A model trained
+  like this knows how to come back from a slip anywhere on the route (the teacher of the ``route`` setting);
 * ``noisy``: every answer character is replaced, with probability ``p``, by a random other character
   of the answer alphabet: a teacher whose greedy answer is right but whose samples are often wrong,
   with the errors spread over many wrong continuations;
+* ``flagged``: walk tasks: half of the prompts carry a flag in front (``"!2>5="``), and their answers have every
+  move flipped (``L`` ↔ ``R``) with probability ``p``; the rest are clean. A teacher trained like this is noisy
+  exactly where a flag that a student cannot see says so (the hidden-flag experiment,
+  :mod:`opd_mini.experiments.hidden`, with ``hidden:RHO:walk:10`` and ``--teacher_template '{hidden}{prompt}'``);
 * ``privileged``: clean answers, but with probability ``p`` the prompt is the privileged one,
   :data:`PRIVILEGED_TEMPLATE` filled with the example (the answer is in it): a model that has seen a
   little of such prompts, so that behind one it can read the answer off (the start of on-policy
@@ -46,13 +54,15 @@ from opd_mini.cli import run_cli
 from opd_mini.forward import completion_logits
 from opd_mini.losses import sft_cross_entropy, token_logprobs
 from opd_mini.sampler import build_rollouts, sample
-from opd_mini.tasks import Task, WalkTask, get_task
+from opd_mini.tasks import FlagTask, RouteTask, Task, WalkTask, get_task
 from opd_mini.tiny import build_char_tokenizer, build_tiny_model, ensure_tiny_models, num_parameters, num_threads
 
 #: Bump when a recipe below changes, so caches and shipped assets are not reused by mistake.
 WORLDS_VERSION = 1
 #: Shipped pairs (regenerate with ``python -m opd_mini.experiments worlds --write-assets``).
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "worlds"
+#: A detour walk (data ``detour``) stops after this many moves, slips included.
+DETOUR_MAX_MOVES = 30
 #: The privileged prompt of the ``privileged`` data kind (a ``teacher_template``: the example's fields).
 PRIVILEGED_TEMPLATE = "{prompt} (the answer is {answer})"
 
@@ -63,7 +73,7 @@ class Recipe:
 
     size: str = "teacher"                      # a key of TINY_SIZES
     config: dict = field(default_factory=dict)  # overrides of that architecture
-    data: str = "clean"                        # clean | repair | noisy | privileged
+    data: str = "clean"                        # clean | repair | detour | noisy | flagged | privileged
     p: float = 0.0                             # probability of the repair prefix / of a noisy character
     lr: float = 3e-3
     batch_size: int = 64
@@ -80,6 +90,8 @@ class Recipe:
     mix_max_sampled: float | None = None
     # data "privileged": a lower bound on the sampled pass@1 behind the privileged prompt
     privileged_min_sampled: float | None = None
+    # data "flagged": an upper bound on the sampled pass@1 behind the flag (the noise is learned)
+    flagged_max_sampled: float | None = None
 
 
 @dataclass
@@ -139,6 +151,31 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
               "sampled pass@1 is at least 0.6 (on-policy self-distillation with privileged context, opd_mini.experiments.opsd)",
     ),
     Setting(
+        name="hidden_flag", task="walk:10", max_new_tokens=12,
+        teacher=Recipe(data="flagged", p=0.3, lr=3e-3, min_greedy=0.97, min_sampled=0.95, flagged_max_sampled=0.45),
+        student=WALK_STUDENT,
+        about="a teacher that is noisy only behind a flag: on prompts flagged '!' every move is flipped with probability "
+              "0.3, otherwise it walks straight (sampled pass@1 >= 0.95 unflagged); the student is the compounding "
+              "setting's, which never sees the flag (the hidden-flag experiment, opd_mini.experiments.hidden)",
+    ),
+    Setting(
+        name="hidden_flag_mild", task="walk:10", max_new_tokens=12,
+        teacher=Recipe(data="flagged", p=0.15, lr=3e-3, min_greedy=0.97, min_sampled=0.95, flagged_max_sampled=0.7),
+        student=WALK_STUDENT,
+        about="the hidden_flag setting with milder noise behind the flag: each move flipped with probability 0.15",
+    ),
+    Setting(
+        name="route", task="route:6:1+route:6:2+route:6:4*2", max_new_tokens=32,
+        teacher=Recipe(config=dict(num_hidden_layers=3), data="detour", p=0.15, lr=3e-3, max_steps=8000, check_every=50,
+                       min_greedy=0.99, min_sampled=0.97),
+        student=Recipe(size="student", data="clean", lr=3e-3, max_steps=4000, check_every=10, min_sampled=0.75),
+        about="routes through 1, 2 or 4 waypoints on 6 positions (route:6:K; half of the training routes have 4). The "
+              "teacher (three layers) was trained on routes walked through slips (p = 0.15), so it comes back from a "
+              "detour anywhere; the student has seen clean direct paths "
+              "only, until its sampled pass@1 (no slips) reached 0.75: the slippery-route experiment "
+              "(opd_mini.experiments.slips)",
+    ),
+    Setting(
         name="experts", task="add:2", max_new_tokens=8,
         teacher=Recipe(data="clean", lr=5e-3, batch_size=128, max_steps=3000, check_every=50, min_greedy=0.98,
                        min_sampled=0.95),
@@ -157,27 +194,37 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 # --------------------------------------------------------------------------------------------
 
 
-def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[str], list[str], list[int]]:
-    """``n`` (prompt, completion, number of leading completion characters without loss) triples."""
+def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[str], list[str], list[list[int]]]:
+    """``n`` (prompt, completion, the completion characters without loss) triples."""
     if recipe.mix_task:
         k = round(n * recipe.mix_fraction)
         prompts, completions, skip = training_batch(task, replace(recipe, mix_task=None), n - k, seed)
         mixed = get_task(recipe.mix_task).examples(k, seed=seed, split="train")
-        return prompts + [e.prompt for e in mixed], completions + [e.answer for e in mixed], skip + [0] * k
+        return prompts + [e.prompt for e in mixed], completions + [e.answer for e in mixed], skip + [[]] * k
     rng = random.Random(f"{task.name}/{recipe.data}/{seed}")
     examples = task.examples(n, seed=seed, split="train")
     prompts = [e.prompt for e in examples]
     if recipe.data == "clean":
-        return prompts, [e.answer for e in examples], [0] * n
+        return prompts, [e.answer for e in examples], [[]] * n
     if recipe.data == "noisy":
         alphabet = sorted({ch for e in task.examples(256, seed=0) for ch in e.answer})
         noisy = ["".join(rng.choice([a for a in alphabet if a != ch]) if rng.random() < recipe.p else ch
                          for ch in e.answer) for e in examples]
-        return prompts, noisy, [0] * n
+        return prompts, noisy, [[]] * n
+    if recipe.data == "flagged":
+        if not all(isinstance(get_task(e.task) if e.task else task, WalkTask) for e in examples):
+            raise ValueError(f"data 'flagged' needs a walk task, got {task.name}")
+        flip = {"L": "R", "R": "L"}
+        prompts, completions = [], []
+        for e in examples:
+            flagged = rng.random() < 0.5
+            prompts.append(FlagTask.FLAG + e.prompt if flagged else e.prompt)
+            completions.append("".join(flip[c] if flagged and rng.random() < recipe.p else c for c in e.answer))
+        return prompts, completions, [[]] * n
     if recipe.data == "privileged":
         privileged = [PRIVILEGED_TEMPLATE.format(prompt=e.prompt, answer=e.answer) if rng.random() < recipe.p
                       else e.prompt for e in examples]
-        return privileged, [e.answer for e in examples], [0] * n
+        return privileged, [e.answer for e in examples], [[]] * n
     if recipe.data == "repair":
         if not isinstance(task, WalkTask):
             raise ValueError(f"data 'repair' needs a walk task, got {task.name}")
@@ -186,9 +233,24 @@ def training_batch(task: Task, recipe: Recipe, n: int, seed: int) -> tuple[list[
             prefix = "".join(rng.choice("LR") for _ in range(rng.randint(1, 3))) if rng.random() < recipe.p else ""
             goal, pos = int(e.prompt[2]), task.end_position(e.prompt, prefix)
             completions.append(prefix + ("R" if goal > pos else "L") * abs(goal - pos))
-            skip.append(len(prefix))
+            skip.append(list(range(len(prefix))))
         return prompts, completions, skip
-    raise ValueError(f"unknown data kind {recipe.data!r}; choose clean, repair, noisy or privileged")
+    if recipe.data == "detour":
+        parts = [get_task(e.task) if e.task else task for e in examples]
+        if not all(isinstance(t, (RouteTask, WalkTask)) for t in parts):
+            raise ValueError(f"data 'detour' needs route or walk tasks, got {task.name}")
+        completions, skip = [], []
+        for e in examples:
+            moves, slipped = "", []
+            while (move := RouteTask.next_move(e.prompt, moves)) is not None and len(moves) < DETOUR_MAX_MOVES:
+                if rng.random() < recipe.p:  # the environment swaps the move: the model's loss skips it
+                    move = "L" if move == "R" else "R"
+                    slipped.append(len(moves))
+                moves += move
+            completions.append(moves)
+            skip.append(slipped)
+        return prompts, completions, skip
+    raise ValueError(f"unknown data kind {recipe.data!r}; choose clean, repair, detour, noisy, flagged or privileged")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +279,8 @@ def _met(recipe: Recipe, acc: dict[str, float]) -> bool:
             and (recipe.max_sampled is None or acc["sampled"] <= recipe.max_sampled)
             and (recipe.mix_min_sampled is None or acc["mix_sampled"] >= recipe.mix_min_sampled)
             and (recipe.mix_max_sampled is None or acc["mix_sampled"] <= recipe.mix_max_sampled)
-            and (recipe.privileged_min_sampled is None or acc["privileged_sampled"] >= recipe.privileged_min_sampled))
+            and (recipe.privileged_min_sampled is None or acc["privileged_sampled"] >= recipe.privileged_min_sampled)
+            and (recipe.flagged_max_sampled is None or acc["flagged_sampled"] <= recipe.flagged_max_sampled))
 
 
 def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tokens: int, seed: int = 0,
@@ -236,8 +299,8 @@ def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tok
             prompts, completions, skip = training_batch(task, recipe, recipe.batch_size, seed * 1_000_003 + step)
             rollouts = build_rollouts(tokenizer, prompts, completions)
             mask_BT = rollouts.mask_BT.clone()
-            for i, k in enumerate(skip):
-                mask_BT[i, :k] = False  # no loss on the repair prefix
+            for i, positions in enumerate(skip):
+                mask_BT[i, positions] = False  # no loss on the repair prefix or on slipped moves
             logp_BT = token_logprobs(completion_logits(model, rollouts), rollouts.tokens_BT)
             loss, _ = sft_cross_entropy(logp_BT, mask_BT)
             for group in optimizer.param_groups:
@@ -255,6 +318,10 @@ def train_to_target(model, tokenizer, task: Task, recipe: Recipe, *, max_new_tok
                 if recipe.data == "privileged":
                     shown = accuracies(model, tokenizer, task, max_new_tokens=max_new_tokens, template=PRIVILEGED_TEMPLATE)
                     acc.update(privileged_greedy=shown["greedy"], privileged_sampled=shown["sampled"])
+                if recipe.data == "flagged":
+                    flagged = accuracies(model, tokenizer, task, max_new_tokens=max_new_tokens,
+                                         template=FlagTask.FLAG + "{prompt}")
+                    acc.update(flagged_greedy=flagged["greedy"], flagged_sampled=flagged["sampled"])
                 checks.append({"step": step, **acc})
                 bar.set_postfix(loss=f"{loss.item():.3f}", greedy=f"{acc['greedy']:.2f}", sampled=f"{acc['sampled']:.2f}")
                 if _met(recipe, acc):
