@@ -153,8 +153,9 @@ def test_repair_data_trains_only_on_the_way_back():
     task = get_task("walk:10")
     recipe = worlds.Recipe(data="repair", p=1.0)
     prompts, completions, skip = worlds.training_batch(task, recipe, 64, seed=0)
-    for prompt, completion, k in zip(prompts, completions, skip):
-        assert 1 <= k <= 3
+    for prompt, completion, skipped in zip(prompts, completions, skip):
+        k = len(skipped)
+        assert 1 <= k <= 3 and skipped == list(range(k))  # the leading random moves, no loss on them
         assert task.end_position(prompt, completion) == int(prompt[2])  # the repaired walk ends on the goal
         back = completion[k:]
         assert len(set(back)) <= 1  # the part with loss is the direct path from wherever the prefix led
