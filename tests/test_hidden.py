@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from opd_mini.experiments import hidden, toolkit, worlds
-from opd_mini.tasks import get_task
-from opd_mini.walks import FlagTask
+from opd_mini.tasks import FlagTask, get_task
 from tests.helpers import loop_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from opd_mini.sampler import Slip, apply_slip, sample, slip_for
-from opd_mini.tasks import get_task
-from opd_mini.walks import RouteTask, WalkTask
+from opd_mini.tasks import RouteTask, WalkTask, get_task
 from tests.helpers import loop_args
 
 

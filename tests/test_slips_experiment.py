@@ -125,8 +125,7 @@ def test_the_route_world_is_what_its_recipe_says():
 
 
 def test_detour_data_skips_exactly_the_slipped_moves_and_leads_home():
-    from opd_mini.tasks import get_task
-    from opd_mini.walks import RouteTask
+    from opd_mini.tasks import RouteTask, get_task
 
     task = get_task("route:6:2")
     prompts, completions, skip = worlds.training_batch(task, worlds.Recipe(data="detour", p=0.3), 400, seed=0)

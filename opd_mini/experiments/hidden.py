@@ -93,7 +93,7 @@ def means_kl(student, teacher, tokenizer, examples: list, *, rho: float, samples
     log q(·|prompt) + ρ log q(·|!prompt)) and A = (1 − ρ) q(·|prompt) + ρ q(·|!prompt), and KL(π ‖ q(·|prompt))."""
     from opd_mini.forward import completion_logits
     from opd_mini.sampler import sample, with_prompts
-    from opd_mini.walks import FlagTask
+    from opd_mini.tasks import FlagTask
 
     prompts = [e.prompt for e in examples]
     r = sample(student, tokenizer, prompts, num_generations=samples, max_new_tokens=RUN["max_new_tokens"], seed=seed)

@@ -103,7 +103,7 @@ def route_stats(model, tokenizer, examples: list, *, slip_prob: float, max_new_t
     """On ``SAMPLES`` temperature-1 samples per prompt through slips: pass@1, the success of the walks that slipped
     at least once, the error rate per leg (legs failed / legs started), and the share of states off the direct path."""
     from opd_mini.sampler import sample, slip_for
-    from opd_mini.walks import RouteTask
+    from opd_mini.tasks import RouteTask
 
     slip = slip_for(tokenizer, RouteTask.slip_moves, slip_prob)
     r = sample(model, tokenizer, [e.prompt for e in examples], num_generations=SAMPLES, max_new_tokens=max_new_tokens,
@@ -154,8 +154,7 @@ def cell_job(job: dict) -> dict:
 
     from opd_mini.eval import held_out_examples
     from opd_mini.sampler import sample, slip_for
-    from opd_mini.tasks import get_task
-    from opd_mini.walks import RouteTask
+    from opd_mini.tasks import RouteTask, get_task
 
     toolkit.quiet_worker()
     tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])

@@ -54,8 +54,7 @@ from opd_mini.cli import run_cli
 from opd_mini.forward import completion_logits
 from opd_mini.losses import sft_cross_entropy, token_logprobs
 from opd_mini.sampler import build_rollouts, sample
-from opd_mini.tasks import Task, get_task
-from opd_mini.walks import FlagTask, RouteTask, WalkTask
+from opd_mini.tasks import FlagTask, RouteTask, Task, WalkTask, get_task
 from opd_mini.tiny import build_char_tokenizer, build_tiny_model, ensure_tiny_models, num_parameters, num_threads
 
 #: Bump when a recipe below changes, so caches and shipped assets are not reused by mistake.
