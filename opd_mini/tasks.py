@@ -47,74 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-#: End-of-sequence markers a completion is cut at before comparing (decoded text normally has none:
-#: the sampler decodes up to the first EOS and skips special tokens).
-STOP_STRINGS = ("<eos>", "</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
-
-
-@dataclass
-class Example:
-    """One verifiable example: the prompt shown to the model and the expected answer text."""
-
-    prompt: str
-    answer: str
-    task: str = ""  # the spec of the task it came from, set by a mixture (empty for a single task)
-    hidden: str = ""  # context only a teacher reads (teacher_template's {hidden}; hidden:RHO:SPEC sets it)
-    where: str = dataclasses.field(default="", compare=False, repr=False)  # its file and line, for messages
-
-
-def exact_match(completion: str, answer: str) -> float:
-    """1.0 when ``completion`` (cut at the first EOS marker, stripped) equals ``answer`` (stripped), else 0.0."""
-    for stop in STOP_STRINGS:
-        completion = completion.split(stop, 1)[0]
-    return float(completion.strip() == answer.strip())
-
-
-class Task:
-    """A source of examples with an exact-match reward.
-
-    Subclasses implement :meth:`_example` (one random example from an RNG) or override :meth:`examples`.
-    ``slip_moves``: two answer characters that an environment slip swaps (``--slip_prob``: the emitted move
-    is replaced by the other one); None for a task without such moves, where slips are refused.
-    """
-
-    name: str = "task"
-    slip_moves: tuple[str, str] | None = None
-    hidden_context: bool = False  # its examples carry a ``hidden`` field (hidden:RHO:SPEC)
-    visible_context: bool = False  # its prompts show what a hidden task would hide (visible:RHO:SPEC)
-
-    def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
-        """``n`` examples, deterministic in ``seed`` (different seeds give different draws). A generated
-        task has no fixed split: every ``split`` draws fresh random prompts."""
-        _check_split(split)
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        rng = random.Random(f"{self.name}/{seed}")
-        return [self._example(rng) for _ in range(n)]
-
-    def split_size(self, split: str) -> int | None:
-        """Number of distinct examples in ``split``; None for a generated task (unbounded)."""
-        return None
-
-    def describe_split(self, split: str) -> str:
-        """One line saying where the examples of ``split`` come from (for summaries)."""
-        return f"fresh random prompts of {self.name}"
-
-    def _example(self, rng: random.Random) -> Example:
-        raise NotImplementedError
-
-    def reward(self, completion: str, example: Example) -> float:
-        """Exact-match reward of one completion (see :func:`exact_match`)."""
-        return exact_match(completion, example.answer)
-
-    def rewards(self, completions: list[str], examples: list[Example]) -> list[float]:
-        """Rewards of paired completions and examples (same length)."""
-        if len(completions) != len(examples):
-            raise ValueError(f"{len(completions)} completions but {len(examples)} examples")
-        return [self.reward(c, e) for c, e in zip(completions, examples)]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r})"
+from opd_mini.task_base import SPLITS, STOP_STRINGS, Example, Task, check_split, exact_match  # noqa: F401
+from opd_mini.walks import FlagTask, RouteTask, WalkTask  # noqa: F401
 
 
 class ReverseTask(Task):
@@ -144,152 +78,6 @@ class AddTask(Task):
         low = 0 if self.num_digits == 1 else 10 ** (self.num_digits - 1)
         a, b = rng.randint(low, 10**self.num_digits - 1), rng.randint(low, 10**self.num_digits - 1)
         return Example(prompt=f"{a}+{b}=", answer=str(a + b))
-
-
-class WalkTask(Task):
-    """Walk on a line of ``num_positions`` positions (0 .. N−1, N ≤ 10) from a start to a goal: ``"2>5="``.
-
-    A completion is a string of moves, ``R`` (+1) and ``L`` (−1); it is correct when it ends on the goal,
-    however it gets there: ``"RRR"`` (the reference answer, the direct path) and ``"RRLRR"`` both solve
-    ``"2>5="``. So a wrong move early on can still be repaired by the moves after it: the task where a
-    student's own mistakes take it to states a teacher's direct paths never visit, and where knowing how
-    to come back from them pays (the demo's compounding-errors setting).
-    """
-
-    slip_moves = ("L", "R")
-
-    def __init__(self, num_positions: int):
-        if not 2 <= num_positions <= 10:
-            raise ValueError(f"walk:N needs 2 <= N <= 10 positions (single digits), got {num_positions}")
-        self.num_positions = num_positions
-        self.name = f"walk:{num_positions}"
-
-    def _example(self, rng: random.Random) -> Example:
-        start, goal = rng.sample(range(self.num_positions), 2)
-        return Example(prompt=f"{start}>{goal}=", answer=("R" if goal > start else "L") * abs(goal - start))
-
-    @staticmethod
-    def end_position(prompt: str, moves: str) -> int | None:
-        """Where ``moves`` (cut at EOS, stripped) lead from the prompt's start; None if a character is not a move."""
-        for stop in STOP_STRINGS:
-            moves = moves.split(stop, 1)[0]
-        moves = moves.strip()
-        if set(moves) - {"L", "R"}:
-            return None
-        return int(prompt[0]) + moves.count("R") - moves.count("L")
-
-    def reward(self, completion: str, example: Example) -> float:
-        return float(self.end_position(example.prompt, completion) == int(example.prompt[2]))
-
-
-class RouteTask(Task):
-    """Walk through ``num_waypoints`` waypoints in order on a line of ``num_positions`` positions: ``"2>5>3="``
-    starts at 2 and must visit 5, then end on 3. ``route:N:1`` is ``walk:N``.
-
-    A completion of ``L``/``R`` moves is correct when, followed from the start, it reaches the waypoints in
-    order (passing through one counts) and ends on the last. The reference answer is the direct path, leg by
-    leg, so the horizon grows with K (about 3.7 moves a leg for N = 10): the task of the slippery-route
-    experiment (:mod:`opd_mini.experiments.slips`), where an environment slip (``--slip_prob``) swaps an
-    emitted move and the policy must come back from wherever it lands.
-    """
-
-    slip_moves = ("L", "R")
-
-    def __init__(self, num_positions: int, num_waypoints: int):
-        if not 2 <= num_positions <= 10:
-            raise ValueError(f"route:N:K needs 2 <= N <= 10 positions (single digits), got {num_positions}")
-        if num_waypoints < 1:
-            raise ValueError(f"route:N:K needs K >= 1 waypoints, got {num_waypoints}")
-        self.num_positions, self.num_waypoints = num_positions, num_waypoints
-        self.name = f"route:{num_positions}:{num_waypoints}"
-
-    def _example(self, rng: random.Random) -> Example:
-        stops = [rng.randrange(self.num_positions)]
-        for _ in range(self.num_waypoints):
-            stops.append(rng.choice([p for p in range(self.num_positions) if p != stops[-1]]))
-        answer = "".join(("R" if b > a else "L") * abs(b - a) for a, b in zip(stops, stops[1:]))
-        return Example(prompt=">".join(map(str, stops)) + "=", answer=answer)
-
-    @staticmethod
-    def stops(prompt: str) -> list[int]:
-        """The start and the waypoints of a prompt ``"2>5>3="``: ``[2, 5, 3]``."""
-        return [int(c) for c in prompt.rstrip("=").split(">")]
-
-    @staticmethod
-    def legs_done(prompt: str, moves: str) -> tuple[int, bool]:
-        """(waypoints reached in order, whether the completion is correct) for ``moves`` (cut at EOS, stripped);
-        a character that is not a move ends the walk there."""
-        for stop in STOP_STRINGS:
-            moves = moves.split(stop, 1)[0]
-        moves = moves.strip()
-        stops = RouteTask.stops(prompt)
-        pos, reached, valid = stops[0], 0, True
-        for ch in moves:
-            if ch not in "LR":
-                valid = False
-                break
-            pos += 1 if ch == "R" else -1
-            if reached < len(stops) - 1 and pos == stops[reached + 1]:
-                reached += 1
-        done = len(stops) - 1
-        return reached, valid and reached == done and pos == stops[-1]
-
-    @staticmethod
-    def next_move(prompt: str, moves: str) -> str | None:
-        """The direct path's next move after ``moves`` (a valid move string): toward the next waypoint not yet
-        reached; None once the route is complete and the walk stands on its last stop (then EOS)."""
-        stops = RouteTask.stops(prompt)
-        pos, reached = stops[0], 0
-        for ch in moves:
-            pos += 1 if ch == "R" else -1
-            if reached < len(stops) - 1 and pos == stops[reached + 1]:
-                reached += 1
-        target = stops[min(reached + 1, len(stops) - 1)]
-        if reached == len(stops) - 1 and pos == target:
-            return None
-        return "R" if target > pos else "L"
-
-    def reward(self, completion: str, example: Example) -> float:
-        return float(self.legs_done(example.prompt, completion)[1])
-
-
-class FlagTask(Task):
-    """``hidden:RHO:SPEC``: the examples of task SPEC, each (independently, seeded) flagged with probability
-    ``rho`` by :data:`FLAG` in its ``hidden`` field, which only a teacher reads (``--teacher_template
-    '{hidden}{prompt}'``): a teacher whose behaviour depends on context that the student cannot see.
-    ``visible:RHO:SPEC`` (``visible=True``) writes the same flag in front of the prompt instead, where the student
-    sees it (the control). The flag is drawn per example, not per prompt text, so the student cannot learn it
-    from the prompt; each example is scored by SPEC on its own prompt."""
-
-    FLAG = "!"
-
-    def __init__(self, rho: float, inner: Task, visible: bool = False):
-        if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"{'visible' if visible else 'hidden'}:RHO:SPEC needs 0 <= RHO <= 1, got {rho}")
-        self.rho, self.inner, self.visible = rho, inner, visible
-        self.name = f"{'visible' if visible else 'hidden'}:{rho:g}:{inner.name}"
-        self.slip_moves = inner.slip_moves
-        self.hidden_context, self.visible_context = not visible, visible
-
-    def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
-        rng = random.Random(f"flag/{self.rho:g}/{self.inner.name}/{seed}/{split}")  # hidden and visible: the same flags
-        out = []
-        for e in self.inner.examples(n, seed=seed, split=split):
-            flag = self.FLAG if rng.random() < self.rho else ""
-            out.append(dataclasses.replace(e, prompt=flag + e.prompt) if self.visible else
-                       dataclasses.replace(e, hidden=flag))
-        return out
-
-    def split_size(self, split: str) -> int | None:
-        return self.inner.split_size(split)
-
-    def describe_split(self, split: str) -> str:
-        return self.inner.describe_split(split)
-
-    def reward(self, completion: str, example: Example) -> float:
-        if self.visible and example.prompt.startswith(self.FLAG):
-            example = dataclasses.replace(example, prompt=example.prompt[len(self.FLAG):])
-        return self.inner.reward(completion, example)
 
 
 def _flag_task(arg: str, visible: bool) -> FlagTask:
@@ -332,7 +120,7 @@ class ListTask(Task):
         return len(self.items)
 
     def split_size(self, split: str) -> int:
-        _check_split(split)
+        check_split(split)
         return len(self.splits[split])
 
     def describe_split(self, split: str) -> str:
@@ -342,7 +130,7 @@ class ListTask(Task):
         return f"{len(self.splits[split])} examples of {self.name} ({split})"
 
     def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
-        _check_split(split)
+        check_split(split)
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         pool = self.splits[split]
@@ -384,7 +172,7 @@ class MixTask(Task):
         return counts
 
     def examples(self, n: int, seed: int, split: str = "all") -> list[Example]:
-        _check_split(split)
+        check_split(split)
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         return [dataclasses.replace(e, task=task.name)
@@ -427,14 +215,6 @@ def check_vocabulary(task: Task, tokenizer) -> None:
 def task_of(example: Example, task: Task) -> str:
     """The spec of the task an example belongs to: its mixture part, else ``task`` itself."""
     return example.task or task.name
-
-
-SPLITS = ("train", "eval", "all")
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def load_jsonl(path: str | Path, eval_fraction: float = 0.1) -> ListTask:
