@@ -24,6 +24,13 @@ from typing import Any
 from opd_mini import registry
 from opd_mini.options import check_fields, coerce, opt
 from opd_mini.registry import LossOptions
+from opd_mini.trackers import TRACKERS, check_installed
+
+
+#: ``--teacher answers``: the task's reference answers stand in for the teacher's samples (SFT on the data).
+ANSWERS = "answers"
+#: ``--teacher student``: the student itself as it trains (a moving teacher; with --teacher_template, OPSD's).
+MOVING = "student"
 
 
 @dataclass
@@ -36,7 +43,9 @@ class TrainConfig(LossOptions):
                        "offline tiny student from opd_mini.tiny (briefly SFT-warm-started, trained locally if missing)")
     teacher: str = opt("tiny", "teacher model: a Hugging Face id or directory; 'tiny' = the offline tiny teacher; "
                        "'self' = the student's own base model (self-distillation: scored with the LoRA adapter "
-                       "disabled, or a frozen copy when lora is off); 'none' only for grpo")
+                       "disabled, or a frozen copy when lora is off); 'answers' = the task's reference answers as the "
+                       "teacher's samples (sft on the data); 'student' = the student itself as it trains, behind "
+                       "--teacher_template (a moving teacher); 'none' only for grpo")
     teachers: str = opt("", "one teacher per task, 'TASK=TEACHER;TASK=TEACHER' (a YAML/JSON file may give a mapping): "
                         "each rollout is scored by its task's teacher, e.g. --task 'reverse:5+add:3' --teachers "
                         "'reverse:5=PATH_A;add:3=PATH_B@4bit'; TEACHER is an id or directory, 'self', or either with "
@@ -145,8 +154,9 @@ class TrainConfig(LossOptions):
     eval_temperature: float = opt(1.0, "sampling temperature at evaluation", ge=0.01, le=100)
     eval_kl_forward: bool = opt(False, "also evaluate the forward KL(teacher ‖ student) per token on the teacher's own "
                                 "samples of the held-out prompts (eval/kl_forward; one more sampling pass)")
-    eval_kl_to_init: bool = opt(False, "also evaluate KL(π₀ ‖ π) per token on the retention task's prompts, π₀ = the "
-                                "LoRA student's base (adapter disabled), on π₀'s own samples (eval/retention_kl_to_init)")
+    eval_kl_to_init: bool = opt(False, "also evaluate KL(π₀ ‖ π) per token on the evaluation prompts (eval/kl_to_init) and "
+                                "on the retention task's (eval/retention_kl_to_init), π₀ = the LoRA student's base "
+                                "(adapter disabled), on π₀'s own samples")
     save_every: int = opt(0, "write a checkpoint every N steps, and at the end (0 = only at the end)", ge=0)
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep on disk", ge=1)
     out_dir: str = opt("runs/opd", "directory of the metrics log, checkpoints and final model")
@@ -154,6 +164,9 @@ class TrainConfig(LossOptions):
     overwrite: bool = opt(False, "start a new run in an out_dir that holds an earlier one, moving the earlier files "
                           "to out_dir/replaced/TIMESTAMP/ (without it such a run is refused)")
     progress: bool = opt(True, "show a tqdm progress bar with live metrics")
+    report_to: str = opt("none", "also send the config, every metric and a table of evaluation samples to a tracker: "
+                         "tensorboard (OUT/tensorboard), trackio (its local store) or wandb (OUT/wandb, offline unless "
+                         "WANDB_MODE says otherwise); each is a separate pip install", choices=TRACKERS)
 
     # --- hardware and reproducibility -------------------------------------------------------
     seed: int = opt(0, "seed of prompts, sampling and initialisation", ge=0)
@@ -214,6 +227,28 @@ class TrainConfig(LossOptions):
             needs_none = [n for n, s in registry.LOSS_REGISTRY.items() if s.signal is None and s.rollouts == "student"]
             raise ValueError(f"teacher='none' is only allowed with a loss that never calls the teacher "
                              f"({', '.join(needs_none)}), not loss={self.loss}")
+        if self.teacher == ANSWERS:
+            if not (spec.rollouts == "teacher" and spec.signal is None):
+                raise ValueError(f"teacher='answers' (the task's reference answers) has no distribution to score with: use "
+                                 f"it with loss=sft, not loss={self.loss}")
+            for name, value, default in (("teacher_template", self.teacher_template, ""),
+                                         ("teacher_quantization", self.teacher_quantization, "none"),
+                                         ("eval_kl_forward", self.eval_kl_forward, False)):
+                if value != default:
+                    raise ValueError(f"{name}={value!r} does not apply to teacher='answers' (reference answers are no "
+                                     f"model): drop --{name}")
+            if self.teachers:
+                raise ValueError("teacher='answers' and --teachers contradict each other: give one")
+            if self.slip_prob > 0 and self.slip_train:
+                raise ValueError("the reference answers of teacher='answers' do not slip: give --slip_train false (slips "
+                                 "in evaluation only), or drop --slip_prob")
+        if self.teacher == MOVING:
+            if not self.teacher_template:
+                raise ValueError("teacher='student' (the student itself as it trains) teaches nothing behind the student's "
+                                 "own prompt (r_t = 0): give --teacher_template, e.g. '{prompt} (the answer is {answer})'")
+            if self.teacher_quantization != "none" or self.teachers:
+                raise ValueError("teacher='student' is the training student itself: it cannot be quantized or combined "
+                                 "with --teachers")
         if self.teacher == "self" and self.teacher_quantization != "none":
             raise ValueError(f"teacher_quantization={self.teacher_quantization!r} is not allowed with teacher='self' "
                              "(the student's own base weights are the teacher); use 'none'")
@@ -233,9 +268,9 @@ class TrainConfig(LossOptions):
                              "a CPU), or LoRA (--lora true)")
         if self.init_adapter and not self.lora:
             raise ValueError(f"init_adapter={self.init_adapter!r} needs lora=true (it is a LoRA adapter)")
-        if self.eval_kl_to_init and not (self.lora and self.retention_task):
-            raise ValueError("eval_kl_to_init=true needs lora=true (π₀ is the student with its adapter disabled) and a "
-                             "--retention_task (whose prompts it is measured on)")
+        if self.eval_kl_to_init and not self.lora:
+            raise ValueError("eval_kl_to_init=true needs lora=true (π₀ is the student with its adapter disabled)")
+        check_installed(self.report_to)  # an uninstalled tracker: one line naming the pip command
         parse_teachers(self.teachers)  # its syntax; which tasks need one is checked when the task is built
         if self.lmbda < 1 and not (spec.kind == "distribution" and spec.rollouts == "student"):
             ok = [n for n, s in registry.LOSS_REGISTRY.items() if s.kind == "distribution" and s.rollouts == "student"]
@@ -373,6 +408,8 @@ def parse_teachers(spec: str) -> dict[str, tuple[str, str]]:
         if task in out:
             raise ValueError(f"teachers={spec!r} names the task {task!r} twice; give each task one teacher")
         path, at, quant = teacher.rpartition("@") if teacher.endswith(("@8bit", "@4bit")) else (teacher, "", "none")
+        if path in (ANSWERS, MOVING):
+            raise ValueError(f"teachers={spec!r}: '{path}' is a --teacher of its own, not a per-task teacher")
         if quant != "none" and path == "self":
             raise ValueError(f"teachers={spec!r}: 'self' cannot be quantized (the student's own weights are the teacher)")
         out[task] = (path, quant)

@@ -40,6 +40,11 @@ EVAL_METRIC_DOCS: dict[str, str] = {
     "eval/kl_forward": "held-out prompts: per-token forward KL(teacher ‖ student) on the teacher's own samples, "
     "mean_t log q(y_t) − log π_θ(y_t), y ~ q (with --eval_kl_forward; KL(π₀ ‖ π_θ) when the teacher is the "
     "student's own base)",
+    "eval/kl_forbidden_share": "held-out prompts: share of the reverse-KL estimate Σ_t r_t (r_t = log π_θ(y_t) − log "
+    "q(y_t), the student's samples) that comes from tokens the teacher all but forbids, log q(y_t) < −10 (0 when "
+    "Σ r_t <= 0): how much of the loss is zero-forcing",
+    "eval/kl_to_init": "held-out prompts of the trained task: per-token KL(π₀ ‖ π_θ) on π₀'s own samples, π₀ = the LoRA "
+    "student's base (adapter disabled) (with --eval_kl_to_init): how far training moved the model on the new task",
     "eval/retention_pass@1": "retention task (never trained): pass@1 of the student, to measure forgetting",
     "eval/retention_kl_to_init": "retention task: per-token KL(π₀ ‖ π_θ) on π₀'s own samples of its prompts, π₀ = the "
     "LoRA student's base (adapter disabled) (with --eval_kl_to_init)",
@@ -72,6 +77,12 @@ def held_out_examples(task: Task, num_prompts: int, seed: int, split: str = "eva
                          split=split)
 
 
+#: Rows of the samples table an evaluation hands a tracker (``samples_out``).
+SAMPLE_ROWS = 8
+#: A token the teacher gives log q below this is one it all but forbids (``eval/kl_forbidden_share``).
+FORBIDDEN_LOGQ = -10.0
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -92,17 +103,20 @@ def evaluate(
     prefix: str = "eval/",
     split: str = "eval",
     sampler_options: dict | None = None,
+    samples_out: list | None = None,
 ) -> dict[str, float]:
     """Sample ``num_samples`` completions for each of ``num_prompts`` held-out prompts and score them.
 
     ``score_teacher(batch) -> Batch`` (the batch with ``teacher_logp_BT``) adds ``eval/kl_reverse``;
     ``sample_teacher(prompts, num_generations, seed) -> Batch`` (the teacher's own samples, their
     ``behaviour_logp_BT`` its log-probs) adds ``eval/kl_forward``; ``retention_task`` adds
-    ``eval/retention_pass@1``, and with ``sample_init`` (π₀'s samples, like ``sample_teacher``) also
-    ``eval/retention_kl_to_init``, KL(π₀ ‖ π_θ) on the retention prompts. Sampling is seeded, so two evaluations of the
+    ``eval/retention_pass@1``. ``sample_init`` (π₀'s samples, like ``sample_teacher``) adds ``eval/kl_to_init``,
+    KL(π₀ ‖ π_θ) on the task's prompts, and with a retention task ``eval/retention_kl_to_init`` on its prompts. Sampling is seeded, so two evaluations of the
     same weights give the same numbers. The prompts come from the task's ``split`` (a file task's held-out
     part by default; at most its size). ``sampler_options`` (``method``, ``behaviour_logp``, ``slip``) go to
-    :func:`opd_mini.sampler.sample` (the retention task's draws never slip: slips belong to the trained task). Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`.
+    :func:`opd_mini.sampler.sample` (the retention task's draws never slip: slips belong to the trained task). Returns a dict of floats keyed as in :data:`EVAL_METRIC_DOCS`;
+    ``samples_out``, a list, gets the first few samples (prompt, completion, reward, per-token reverse KL to the
+    teacher when scored) for a tracker's table.
     """
     examples = held_out_examples(task, num_prompts, seed, split)
     num_prompts = len(examples)
@@ -121,12 +135,23 @@ def evaluate(
     }
     if score_teacher is not None:
         scored = score_teacher(rollouts)  # the teacher's fields on the rollouts' device
-        out[f"{prefix}kl_reverse"] = masked_mean(rollouts.behaviour_logp_BT - scored.teacher_logp_BT, mask_BT)
+        teacher_logp_BT = scored.teacher_logp_BT.float()
+        r_BT = rollouts.behaviour_logp_BT.float().to(teacher_logp_BT.device) - teacher_logp_BT
+        out[f"{prefix}kl_reverse"] = masked_mean(r_BT, mask_BT)
+        out[f"{prefix}kl_forbidden_share"] = forbidden_share(r_BT, teacher_logp_BT, mask_BT.to(r_BT.device))
+    if samples_out is not None:
+        kl_B = ((r_BT * mask_BT.to(r_BT.device)).sum(1).cpu() / lengths_B.clamp(min=1)
+                if score_teacher is not None else None)
+        for b in range(min(SAMPLE_ROWS, len(rollouts.completions))):
+            samples_out.append({"prompt": examples[int(rollouts.prompt_index_B[b])].prompt,
+                                "completion": rollouts.completions[b], "reward": float(rewards_B[b]),
+                                "kl_per_token": None if kl_B is None else float(kl_B[b])})
     if sample_teacher is not None:
-        teacher_r = sample_teacher([e.prompt for e in examples], num_samples, held_out_seed(seed) + 1)
-        student_logp_BT = forward.sampled_token_logprobs(model, teacher_r).float()
-        log_ratio_BT = teacher_r.behaviour_logp_BT.float().to(student_logp_BT.device) - student_logp_BT
-        out[f"{prefix}kl_forward"] = masked_mean(log_ratio_BT, teacher_r.mask_BT)
+        out[f"{prefix}kl_forward"] = kl_on_own_samples(model, sample_teacher, [e.prompt for e in examples], num_samples,
+                                                       held_out_seed(seed) + 1)
+    if sample_init is not None:  # KL(π₀ ‖ π_θ) on the trained task's prompts (RL's Razor's quantity)
+        out[f"{prefix}kl_to_init"] = kl_on_own_samples(model, sample_init, [e.prompt for e in examples], num_samples,
+                                                       held_out_seed(seed) + 2)
     if retention_task is not None:
         retained = evaluate(model, tokenizer, retention_task, num_prompts=num_prompts, num_samples=num_samples, k=1,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
@@ -136,6 +161,22 @@ def evaluate(
         if sample_init is not None:
             out[f"{prefix}retention_kl_to_init"] = retained["retention/kl_forward"]
     return out
+
+
+def kl_on_own_samples(model, sample_other: Callable, prompts: list[str], num_samples: int, seed: int) -> float:
+    """Per-token KL(ρ ‖ π_θ) = mean_t log ρ(y_t) − log π_θ(y_t) on ρ's own samples (``sample_other(prompts, n, seed)``,
+    a batch whose ``behaviour_logp_BT`` are ρ's log-probs)."""
+    other = sample_other(prompts, num_samples, seed)
+    student_logp_BT = forward.sampled_token_logprobs(model, other).float()
+    return masked_mean(other.behaviour_logp_BT.float().to(student_logp_BT.device) - student_logp_BT, other.mask_BT)
+
+
+def forbidden_share(r_BT: torch.Tensor, teacher_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
+    """Σ r_t over the masked tokens with log q(y_t) < :data:`FORBIDDEN_LOGQ`, over Σ r_t (0 when Σ r_t <= 0)."""
+    total = float(r_BT[mask_BT].sum())
+    if total <= 0:
+        return 0.0
+    return float(r_BT[mask_BT & (teacher_logp_BT < FORBIDDEN_LOGQ)].sum()) / total
 
 
 def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:

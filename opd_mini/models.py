@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from opd_mini.config import TrainConfig, parse_teachers
+from opd_mini.config import ANSWERS, MOVING, TrainConfig, parse_teachers
+from opd_mini.gguf_models import is_gguf_spec
+from opd_mini.gguf_models import resolve as resolve_gguf
 from opd_mini.student import load_student
 from opd_mini.tasks import MixTask, get_task
 from opd_mini.sampler import encode_prompts, format_prompts
@@ -33,6 +35,7 @@ class TeacherRef:
     model: Any
     is_student_base: bool
     path: str
+    is_student: bool = False  # the student itself as it trains, adapter on (a moving teacher, --teacher student)
 
 
 @dataclass
@@ -46,11 +49,12 @@ class Models:
     teacher_path: str
     teachers: dict[str, TeacherRef] = field(default_factory=dict)  # task spec -> its teacher (--teachers)
     slip: Any = None  # the environment's slip on this tokenizer (opd_mini.sampler.Slip, --slip_prob); None: no slips
+    teacher_is_student: bool = False  # a moving teacher: the student itself, adapter on (--teacher student)
 
     @property
     def scorer(self):
         """The model that scores as the teacher (the student itself when its base is the teacher), or None."""
-        return self.student if self.teacher_is_student_base else self.teacher
+        return self.student if self.teacher_is_student_base or self.teacher_is_student else self.teacher
 
     @property
     def has_teacher(self) -> bool:
@@ -61,12 +65,12 @@ class Models:
         e.g. an evaluation-only task), else the one teacher."""
         if self.teachers:
             return self.teachers.get(task)
-        return TeacherRef(self.scorer, self.teacher_is_student_base, self.teacher_path)
+        return TeacherRef(self.scorer, self.teacher_is_student_base, self.teacher_path, self.teacher_is_student)
 
     def describe(self, spec) -> dict:
         """What was loaded and what trains, read off the models themselves (the summary's ``ran``): the student
         (its adapter's real shape), each task's teacher (its real quantization), the loss function and its file."""
-        refs = self.teachers or ({"*": self.teacher_for("*")} if self.has_teacher else {})
+        refs = self.teachers or ({"*": self.teacher_for("*")} if self.has_teacher or self.teacher_path == ANSWERS else {})
         return {"student": self.student_path, "adapter": adapter_shape(self.student),
                 "teachers": {task: {"path": ref.path, "student_base": ref.is_student_base,
                                     "quantization": "none" if ref.is_student_base else loaded_quantization(ref.model)}
@@ -179,8 +183,9 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
         paths = {k: (str(tiny[k]) if v == "tiny" else v) for k, v in paths.items()}
         if cfg.tokenizer == "" and cfg.student == "tiny":
             paths["tokenizer"] = str(tiny["tokenizer"])
+    paths = {k: (resolve_gguf(v, progress=cfg.progress) if is_gguf_spec(v) else v) for k, v in paths.items()}
     for role, path in paths.items():
-        if role == "teacher" and teacher in ("self", "none"):
+        if role == "teacher" and teacher in ("self", "none", ANSWERS, MOVING):
             continue
         check_model_path(role, path)
     try:
@@ -203,14 +208,15 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     same_weights = cfg.teacher == "self" or (paths["teacher"] == paths["student"] and cfg.teacher_quantization == "none")
     if cfg.lora and same_weights:
         self_base = True  # no second copy: the base weights under the adapter are the teacher
-    elif cfg.teacher != "none":
+    elif cfg.teacher not in ("none", ANSWERS, MOVING):
         name = paths["student"] if cfg.teacher == "self" else paths["teacher"]
         teacher = load_teacher(name, quantization=cfg.teacher_quantization, device=device, compute_dtype=dtype)
     if teacher is not None and cfg.check_tokenizers:
         check_teacher_tokenizer(tokenizer, paths["teacher"] if cfg.teacher != "self" else paths["student"],
                                 chat_template=cfg.use_chat_template != "no")
     vocab_size = shared_vocab_size(tokenizer, student, teacher if teacher is not None else student)
-    return Models(student, teacher, tokenizer, vocab_size, self_base, paths["student"], paths["teacher"])
+    return Models(student, teacher, tokenizer, vocab_size, self_base, paths["student"], paths["teacher"],
+                  teacher_is_student=cfg.teacher == MOVING)
 
 
 def load_task_teachers(cfg: TrainConfig, student, tokenizer, student_path: str, device, dtype) -> dict[str, TeacherRef]:
@@ -228,7 +234,7 @@ def load_task_teachers(cfg: TrainConfig, student, tokenizer, student_path: str, 
                              f"(its tasks: {', '.join(names)})")
     loaded: dict[tuple[str, str], TeacherRef] = {}
     for path, quant in dict.fromkeys(wanted.values()):
-        source = student_path if path == "self" else path
+        source = student_path if path == "self" else resolve_gguf(path, progress=cfg.progress) if is_gguf_spec(path) else path
         if cfg.lora and quant == "none" and (path == "self" or _same_path(source, student_path)):
             loaded[(path, quant)] = TeacherRef(student, True, student_path)  # no second copy
             continue
@@ -285,7 +291,7 @@ def check_teacher_reads_student(cfg: TrainConfig, teacher: TeacherRef, tokenizer
     template), reads exactly the tokens the student generated (:func:`check_rendering`).
     Skipped for the student's own base (the same tokenizer by construction) and a teacher without
     tokenizer files (:func:`check_teacher_tokenizer` has already said so)."""
-    if teacher.is_student_base or not cfg.check_tokenizers:
+    if teacher.is_student_base or teacher.is_student or not cfg.check_tokenizers:
         return
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher.path)

@@ -19,10 +19,10 @@ import torch
 
 from opd_mini import losses
 from opd_mini.batch import Batch
-from opd_mini.config import TrainConfig
+from opd_mini.config import ANSWERS, TrainConfig
 from opd_mini.eval import adapter_disabled
 from opd_mini.models import Models, TeacherRef
-from opd_mini.sampler import eos_token_ids, sample, with_prompts
+from opd_mini.sampler import build_rollouts, eos_token_ids, sample, with_prompts
 from opd_mini.tasks import Example, Task, task_of
 from opd_mini.teacher import score
 
@@ -71,6 +71,12 @@ def sample_batch(cfg: TrainConfig, m: Models, examples: list[Example], *, by_tea
                   use_chat_template=chat(cfg), seed=seed, **filters, **sampler_options(cfg, teacher, slip))
     if not by_teacher:
         return sample(m.student, m.tokenizer, [e.prompt for e in examples], **kwargs)
+    if teacher.path == ANSWERS:  # the reference answers, each repeated num_generations times
+        G = kwargs["num_generations"]
+        batch = build_rollouts(m.tokenizer, [e.prompt for e in examples for _ in range(G)],
+                               [e.answer for e in examples for _ in range(G)], use_chat_template=chat(cfg))
+        return batch.replace(prompt_index_B=torch.arange(len(examples)).repeat_interleave(G),
+                             prompt_texts=batch.prompt_texts[::G])  # one text per prompt, as the sampler gives
     with adapter_disabled(m.student, enabled=teacher.is_student_base):
         batch = sample(teacher.model, m.tokenizer, teacher_prompts(cfg, examples), **kwargs)
     if cfg.teacher_template:  # the same tokens behind the student's prompt

@@ -25,6 +25,7 @@ several processes (:mod:`opd_mini.distributed`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -45,6 +46,7 @@ from opd_mini.eval import evaluate, held_out_examples
 from opd_mini.loading import resolve_device
 from opd_mini.metrics import METRIC_DOCS, PER_TASK_EVAL_KEYS, cuda_memory  # noqa: F401  (the glossary, kept here too)
 from opd_mini.models import TeacherRef, check_teacher_reads_student, effective_config, load_models
+from opd_mini.trackers import open_tracker
 from opd_mini.rollouts import (Piece, TeacherPool, chat, finish_batch, micro_batch_pieces, on_policy_step,
                                sample_batch, sampler_options, score_batch, step_examples, teacher_prompts,
                                teacher_view)
@@ -96,6 +98,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
+    samples: list = dataclasses.field(default_factory=list)  # the last evaluation's samples table (--report_to)
 
 
 def _setup(cfg: TrainConfig, out_dir: Path) -> tuple[Run, runs.Progress]:
@@ -148,10 +151,27 @@ def _setup(cfg: TrainConfig, out_dir: Path) -> tuple[Run, runs.Progress]:
 
 def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     run, progress = _setup(cfg, out_dir)
+    tracker = open_tracker(run.cfg.report_to, out_dir, run.cfg.to_dict()) if distributed.current().is_main else None
+    try:
+        return _loop(run, progress, out_dir, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _loop(run: Run, progress: runs.Progress, out_dir: Path, tracker) -> dict[str, Any]:
     cfg, m, dist = run.cfg, run.m, distributed.current()
+
+    def record(step: int, row: dict, evaluated: bool) -> None:  # the log, and the tracker if there is one
+        progress.record(step, row, evaluated=evaluated)
+        if tracker is not None:
+            tracker.log(row, step)
+            if evaluated and run.samples:
+                tracker.table(run.samples, step)
+
     cuda_memory(run.device)  # on a GPU: reset the peaks, loading is no step's
     if dist.is_main and progress.step == 0:  # [dp] the main process evaluates the starting point
-        progress.record(0, {"step": 0, **run_eval(run)}, evaluated=True)
+        record(0, {"step": 0, **run_eval(run)}, evaluated=True)
     pool = TeacherPool(cfg, m, run.task, run.train_split) if cfg.teacher_sample_pool else None
     micro_prompts = cfg.prompts_per_step // (cfg.grad_accum * dist.world)  # [dp] world · grad_accum micro-batches
     checked: set[str] = set()
@@ -225,7 +245,7 @@ def _train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         last = step == cfg.steps or out_of_time
         if dist.is_main:  # [dp] the other processes go on to the next step's first collective
             evaluated = (cfg.eval_every and step % cfg.eval_every == 0) or last
-            progress.record(step, {**row, **(run_eval(run) if evaluated else {})}, evaluated=evaluated)
+            record(step, {**row, **(run_eval(run) if evaluated else {})}, evaluated)
             bar.set_postfix(_postfix(row, progress.history))
             if (cfg.save_every and step % cfg.save_every == 0) or last:
                 progress.save_checkpoint(out_dir, m, run.optimizer, run.scheduler, step)
@@ -247,6 +267,7 @@ def run_eval(run: Run) -> dict[str, float]:
     """Held-out evaluation; a mixture is evaluated task by task (``eval/pass@1/TASK``, ...) and its ``eval/*``
     keys are the mean over its tasks (a KL only where every task has a teacher)."""
     t0 = time.perf_counter()
+    run.samples.clear()
     if not isinstance(run.eval_task, MixTask):
         out = _evaluate_task(run, run.eval_task, run.retention_task)
     else:
@@ -275,9 +296,10 @@ def _evaluate_task(run: Run, part: Task, retention: Task | None) -> dict[str, fl
             sampler = lambda prompts, n, seed: sample_batch(  # noqa: E731
                 cfg, m, examples_of(prompts), by_teacher=True, teacher=teacher, seed=seed, num_generations=n,
                 exact=True)
-    if cfg.eval_kl_to_init and retention is not None:  # π₀'s own samples of the retention prompts (no template)
+    if cfg.eval_kl_to_init:  # π₀'s own samples of the eval (and retention) prompts (no template)
         base = TeacherRef(m.student, True, m.student_path)
-        plain = dataclasses.replace(cfg, teacher_template="") if cfg.teacher_template else cfg
+        plain = copy.copy(cfg)  # π₀ reads the student's own prompt (not validated again: only the sampler reads it)
+        plain.teacher_template = ""
         init = lambda prompts, n, seed: sample_batch(  # noqa: E731
             plain, m, [_bare(p) for p in prompts], by_teacher=True, teacher=base, seed=seed, num_generations=n,
             exact=True)
@@ -285,6 +307,7 @@ def _evaluate_task(run: Run, part: Task, retention: Task | None) -> dict[str, fl
                     k=cfg.pass_k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
                     seed=cfg.seed, use_chat_template=chat(cfg), score_teacher=scorer, sample_teacher=sampler,
                     retention_task=retention, sample_init=init, split=run.eval_split,
+                    samples_out=run.samples if run.cfg.report_to != "none" and not run.samples else None,
                     sampler_options=sampler_options(cfg, teacher, m.slip))
 
 

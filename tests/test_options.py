@@ -40,8 +40,9 @@ class Seen:
 
     def __init__(self):
         self.teacher_prompts, self.methods, self.by_teacher, self.backwards = [], [], [], 0
+        self.scorers = []  # each scoring call: (the model has trainable weights, its adapter disabled)
         self.slips, self.exact = [], []  # each training draw's slip; whether it drew a KL estimate's samples
-        self.eval_slips = []  # the slip of each draw of the evaluation
+        self.eval_slips, self.eval_methods = [], []  # the slip and the sampler of each draw of the evaluation
 
 
 def _probe_teachers(run):
@@ -86,7 +87,8 @@ def _probe_plugin(run):
 
 
 def _probe_decode(run):
-    assert run.seen.methods and set(run.seen.methods) == {"decode"}
+    used = run.seen.methods + run.seen.eval_methods  # training draws (none with reference answers), evaluation's
+    assert run.seen.eval_methods and set(used) == {"decode"}
 
 
 def _probe_kl_forward(run):
@@ -95,6 +97,19 @@ def _probe_kl_forward(run):
 
 def _probe_kl_to_init(run):
     assert run.rows[0]["eval/retention_kl_to_init"] == 0.0 and "eval/retention_kl_to_init" in run.rows[-1]
+    assert run.rows[0]["eval/kl_to_init"] == 0.0 and "eval/kl_to_init" in run.rows[-1]  # the trained task's prompts
+
+
+def _probe_moving(run):
+    assert run.summary["ran"]["teachers"]["*"] == {"path": "student", "student_base": False, "quantization": "none"}
+    assert run.seen.scorers and all(trainable and not off for trainable, off in run.seen.scorers)  # the student, adapter on
+    assert all("(the answer is " in p for p in run.seen.teacher_prompts)
+
+
+def _probe_answers(run):
+    assert run.summary["ran"]["teachers"]["*"]["path"] == "answers" and run.summary["ran"]["loss"]["name"] == "sft"
+    steps = [r for r in run.rows if "optim/grad_norm" in r]
+    assert steps and all(r["reward/mean"] == 1.0 for r in steps)  # trained on the reference answers: all correct
 
 
 def _probe_slip(run):
@@ -118,6 +133,8 @@ OPTIONS = {
     "init_adapter": (dict(init_adapter="{ADAPTER}"), _probe_init_adapter),
     "lmbda": (dict(lmbda=0.0), _probe_lmbda),
     "pool": (dict(teacher_sample_pool=4, lmbda=0.0), _probe_pool),
+    "moving": (dict(teacher="student", teacher_template=TEMPLATE), _probe_moving),
+    "answers": (dict(teacher="answers", loss="sft"), _probe_answers),  # before plugin: its loss would win
     "plugin": (dict(loss_plugins="{PLUGIN}", loss="probe_kl", loss_args="alpha=0.25"), _probe_plugin),
     "decode": (dict(sampler="decode"), _probe_decode),
     "kl_forward": (dict(eval_kl_forward="true"), _probe_kl_forward),
@@ -133,6 +150,17 @@ REFUSED = {
     frozenset({"pool", "mixture"}): "not supported with a mixture",
     frozenset({"slip", "mixture"}): "no moves that can slip",
     frozenset({"slip", "teachers"}): "no moves that can slip",
+    frozenset({"moving", "teachers"}): "cannot be quantized or combined with --teachers",
+    frozenset({"moving", "quant4"}): "cannot be quantized or combined with --teachers",
+    frozenset({"moving", "answers"}): "does not apply to teacher='answers'",
+    frozenset({"answers", "teachers"}): "contradict each other",
+    frozenset({"answers", "template"}): "does not apply to teacher='answers'",
+    frozenset({"answers", "quant4"}): "does not apply to teacher='answers'",
+    frozenset({"answers", "kl_forward"}): "does not apply to teacher='answers'",
+    frozenset({"answers", "lmbda"}): "is not allowed with loss=sft",
+    frozenset({"answers", "pool"}): "is not allowed with loss=sft",
+    frozenset({"answers", "plugin"}): "use it with loss=sft",
+    frozenset({"answers", "slip"}): "do not slip",
 }
 
 
@@ -175,6 +203,7 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
 
     def score(model, batch, *, view=None, **kw):
         seen.teacher_prompts += (view or batch).prompt_texts
+        seen.scorers.append((any(p.requires_grad for p in model.parameters()), kw.get("disable_adapter", False)))
         return real_score(model, batch, view=view, **kw)
 
     def sample(model, tokenizer, prompts, **kw):
@@ -193,6 +222,7 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
 
     def eval_sample(model, tokenizer, prompts, **kw):
         seen.eval_slips.append(kw.get("slip"))
+        seen.eval_methods.append(kw.get("method"))
         return real_sample(model, tokenizer, prompts, **kw)
 
     monkeypatch.setattr(sampler_module, "sample", eval_sample)  # what opd_mini.eval calls
@@ -205,7 +235,7 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
 
     monkeypatch.setattr(train, "sample_batch", eval_sample_batch)
     monkeypatch.setattr(train, "loss_and_backward", backward)
-    code = train.main(loop_args(student, teacher, out, **flags))
+    code = train.main(loop_args(student, flags.pop("teacher", teacher), out, **flags))
     return code, capsys.readouterr().err, seen
 
 
