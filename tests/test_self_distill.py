@@ -26,6 +26,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("forgetting")
     assert forgetting.main(["--quick", "--out", str(out), "--no-progress"]) == 0
     assert (out / "forgetting.png").stat().st_size > 0 and "| lr |" in (out / "forgetting.md").read_text()
+    assert (out / "forgetting_perturbed.png").stat().st_size > 0
     return json.loads((out / "forgetting.json").read_text())
 
 
@@ -38,6 +39,17 @@ def test_quick_self_distillation_opd_stays_exactly_put_and_sft_moves(quick):
     assert all(len(set(per_seed)) == 1 for per_seed in by["opd"]["pass@1"])  # the same model at every evaluation
     for name in ("sft_fixed", "sft_fresh"):  # measured at this scale: 0.012 to 0.055 nats per token at step 10
         assert all(k[-1] > 1e-4 for k in by[name]["kl_to_init"]), name
+
+
+def test_quick_perturbed_start_is_the_same_for_every_method_and_opd_comes_back(quick):
+    """The noise adapter (σ = 0.07) puts the start 0.15-0.25 nats per token from π₀ in each seed; 10 steps of OPD
+    at lr 3e-3 bring it to 0.01-0.07 (measured on 3 seeds): the bounds are a third of the start."""
+    by = {e["method"]: e for e in quick["perturbed"]}
+    starts = [k[0] for k in by["opd"]["kl_to_init"]]
+    assert all(x > 0.05 for x in starts)
+    for e in by.values():  # one perturbed adapter per seed, shared by every method
+        assert [k[0] for k in e["kl_to_init"]] == starts
+    assert all(k[-1] < k[0] / 3 for k in by["opd"]["kl_to_init"])
 
 
 def test_kl_forward_matches_a_brute_force_computation():
@@ -129,6 +141,25 @@ def test_docs_self_distillation_block_and_reading_match_the_committed_results():
     assert abs(final[("sft_fixed", high)] - final[("sft_fresh", high)]) < max(spread[("sft_fixed", high)],
                                                                                spread[("sft_fresh", high)])
     assert "holds in\none case of six" in (ROOT / "docs" / "results.md").read_text() and len(cases) == 6
+
+
+def test_docs_reading_of_the_perturbed_start_holds_on_the_committed_results():
+    """The reading after the forgetting_perturbed block, statement by statement."""
+    result = json.loads(COMMITTED.read_text())
+    block = toolkit.read_block(ROOT / "docs" / "results.md", "forgetting_perturbed")
+    assert block == forgetting.perturbed_block(result, "../tutorials/results")
+    by = {(e["method"], e["lr"]): e for e in result["perturbed"]}
+    lrs = sorted({e["lr"] for e in result["perturbed"]})
+    ms = {k: toolkit.mean_std([x[-1] for x in e["kl_to_init"]]) for k, e in by.items()}
+    start = toolkit.mean([x[0] for x in by[("opd", lrs[0])]["kl_to_init"]])
+    for lr in lrs:
+        assert all(ms[(m, lr)][0] < start / 3 for m in forgetting.METHODS)  # every method comes back toward π₀
+        assert ms[("opd", lr)][0] < min(ms[("sft_fixed", lr)][0], ms[("sft_fresh", lr)][0])  # OPD closest
+        assert ms[("sft_fixed", lr)][0] > 5 * ms[("opd", lr)][0]  # fixed-set SFT: more than 5x further
+    fresh = {lr: ms[("sft_fresh", lr)][0] for lr in lrs}
+    assert max(fresh, key=fresh.get) == lrs[-1] and fresh[lrs[-1]] > 5 * ms[("opd", lrs[-1])][0]
+    (m_f, s_f), (m_o, s_o) = ms[("sft_fresh", lrs[0])], ms[("opd", lrs[0])]
+    assert abs(m_f - m_o) < s_f + s_o and not result["claims"]["opd_5x_closer_than_sft"]["holds"]
 
 
 def test_decode_sampler_runs_the_loop_and_keeps_self_distillation_exact(tmp_path):

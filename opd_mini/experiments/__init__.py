@@ -19,11 +19,15 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                    "OPD stays put"),
     "retention": ("opd_mini.experiments.retention", "learning a new skill: the old one forgotten at matched "
                   "success, then recovered (--parts retention,recovery)"),
+    "sdft": ("opd_mini.experiments.sdft", "forgetting with a teacher close to the student: the start model behind a "
+             "privileged prompt against SFT and an external expert, KL(π₀ ‖ π) on the new task"),
     "experts": ("opd_mini.experiments.experts", "two experts distilled into one student, against SFT and one "
                 "teacher each"),
     "opsd": ("opd_mini.experiments.opsd", "the student's own base behind a privileged prompt as the teacher"),
     "fidelity": ("opd_mini.experiments.fidelity", "8-bit and 4-bit teachers against full precision, and their "
                  "students"),
+    "real": ("opd_mini.experiments.real", "the same loop on a real pretrained model (SmolLM2-135M-Instruct): quantized "
+             "teachers' fidelity, self-distillation"),
     "worlds": ("opd_mini.experiments.worlds", "build (or find) the tiny teachers and students the experiments start "
                "from (--write-assets)"),
 }

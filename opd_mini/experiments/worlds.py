@@ -142,6 +142,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
               "learns B from the walk expert (the compounding setting's teacher)",
     ),
     Setting(
+        name="sdft", task="walk:10", max_new_tokens=12, teacher=None,
+        student=Recipe(size="teacher", data="privileged", p=0.95, mix_task="reverse:5", mix_fraction=0.5,
+                       check_every=10, max_steps=3000, max_sampled=0.3, mix_min_sampled=0.9,
+                       privileged_min_sampled=0.9),
+        about="a model with skill A (reverse:5, sampled pass@1 >= 0.9) that has seen skill B (walk:10, half of its "
+              "data) almost only behind the privileged prompt '{prompt} (the answer is {answer})' (19 in 20 B "
+              "examples): plain B at most 0.3, privileged B at least 0.9. Its own base behind that prompt is the "
+              "teacher close to the student (self-distillation, opd_mini.experiments.sdft)",
+    ),
+    Setting(
         name="privileged", task="walk:10", max_new_tokens=12,
         teacher=Recipe(), teacher_of="compounding",
         student=Recipe(size="student", data="privileged", p=0.8, lr=3e-3, check_every=20, min_sampled=0.3,
