@@ -227,3 +227,25 @@ def test_a_registered_user_loss_is_measured_next_to_the_built_in_estimators(monk
         assert full == user
     with pytest.raises(ValueError, match="extra-losses"):
         Config(extra_losses=("sft",)).validate()  # not an on-policy distillation loss
+
+
+def test_docs_tail_bucket_bullet_holds_on_the_committed_results():
+    """docs/results.md §1, the top-K-with-a-tail bullet, against toy/results/bias_variance.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "toy" / "results" / "bias_variance.json").read_text())
+    rows = {(r["T"], r["estimator"]): r for r in data["other_estimators"]}
+    Ts = data["config"]["Ts"]
+
+    def rel(T, name):
+        return rows[(T, name)]["bias_norm"] / rows[(T, name)]["exact_grad_norm"]
+
+    cut = [1 - rel(T, "top2_tail") / rel(T, "top2") for T in Ts]
+    assert round(min(cut) * 100) == 29 and round(max(cut) * 100) == 41
+    assert (round(min(rel(T, "top2_tail") for T in Ts), 2), round(max(rel(T, "top2_tail") for T in Ts), 2)) == (0.71, 0.78)
+    assert (round(min(rel(T, "top2") for T in Ts), 2), round(max(rel(T, "top2") for T in Ts), 2)) == (1.08, 1.19)
+    ratio = {T: rows[(T, "top2_tail")]["variance"] / max(rows[(T, "top2")]["variance"], 1e-30) for T in Ts}
+    assert all(ratio[T] < 1 for T in Ts if T <= 4) and round((max(ratio[T] for T in Ts if T > 4) - 1) * 100) <= 9
+    assert all(rel(T, "full") < rel(T, "top2_tail") for T in Ts) and round(max(rel(T, "full") for T in Ts), 2) == 0.39

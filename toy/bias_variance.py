@@ -26,9 +26,10 @@ scattered into that position's prefix state. Each position of a sequence is a di
     variance       = E ‖g − E g‖²              (total variance, trace of the covariance, one sequence)
     exact_grad_norm = ‖∇ KL_seq‖
 
-Besides the γ family, two distribution-level losses are measured on the same scale:
+Besides the γ family, three distribution-level losses are measured on the same scale:
 ``reverse_kl_full`` (per-token reverse KL over the whole vocabulary on the sampled prefixes — the
-Rao-Blackwellised γ = 0: same mean, lower variance) and ``reverse_kl_topk`` (teacher top-K support).
+Rao-Blackwellised γ = 0: same mean, lower variance), ``reverse_kl_topk`` (teacher top-K support, renormalised)
+and ``reverse_kl_topk_tail`` (the same support plus one bucket for the mass outside it).
 
 Training: the student is trained with each γ from the same initial table (same optimizer, learning
 rate, steps, batch; seeds change the samples only) at each learning rate in ``Config.lrs``, and the
@@ -58,10 +59,11 @@ from toy.policies import TablePolicy, sample
 from toy.world import ENUM_BATCH, World, can_enumerate
 
 NAME = "bias-variance"
-ESTIMATORS = ("sampled_token", "full", "topk")
+ESTIMATORS = ("sampled_token", "full", "topk", "topk_tail")
 #: The estimators' names → the registered losses that compute them; any other registered loss name is
 #: measured as it is (``Config.extra_losses``), on the same sequence scale.
-ESTIMATOR_LOSSES = {"sampled_token": "reverse_kl_sampled", "full": "reverse_kl_full", "topk": "reverse_kl_topk"}
+ESTIMATOR_LOSSES = {"sampled_token": "reverse_kl_sampled", "full": "reverse_kl_full", "topk": "reverse_kl_topk",
+                    "topk_tail": "reverse_kl_topk_tail"}
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Config:
     student_scale: float = 1.0
     """initial student logits are i.i.d. N(0, student_scale²), independent of the teacher"""
     topk: int = 2
-    """K of the teacher top-K estimator (reverse_kl_topk, renormalised)"""
+    """K of the teacher top-K estimators (reverse_kl_topk, renormalised; reverse_kl_topk_tail, with a tail bucket)"""
     seed: int = 0
     """seed of the teacher and the initial student"""
     enum_limit: int = 300_000
@@ -150,7 +152,7 @@ def per_sequence_gradients(student: TablePolicy, teacher: TablePolicy, prompts_N
     at each position: ``g_NTV[n, t] = T · ∂ loss(y_n) / ∂ logits(p_n, c_t(y_n))``, shape (N, T, V).
 
     The loss is a registered one of ``opd_mini.registry`` (``estimator``: ``sampled_token`` with ``gamma``,
-    ``full``, ``topk`` without the sampled token, or any registered name) evaluated on the batch with
+    ``full``, ``topk`` or ``topk_tail`` without the sampled token, or any registered name) evaluated on the batch with
     ``num_tokens=T``, so the batch
     loss is the *sum* of the one-sequence losses and the gradient of each sequence's logits is that
     sequence's own. For a table student, ``g_NTV[n, t]`` is the gradient with respect to
@@ -260,7 +262,8 @@ def make_pair(cfg: Config, T: int) -> tuple[TablePolicy, TablePolicy]:
 
 def horizon_rows(cfg: Config, T: int) -> tuple[list[dict], list[dict]]:
     """The rows of horizon T: one per γ ("estimators") and one per distribution-level loss ("other")."""
-    specs = [("sampled_token", g) for g in cfg.gammas] + [(name, None) for name in ("full", "topk", *cfg.extra_losses)]
+    specs = [("sampled_token", g) for g in cfg.gammas] + [(name, None) for name in ("full", "topk", "topk_tail",
+                                                                                     *cfg.extra_losses)]
     threads = torch_threads(cfg.threads)
     try:
         teacher, student = make_pair(cfg, T)
@@ -282,7 +285,8 @@ def horizon_rows(cfg: Config, T: int) -> tuple[list[dict], list[dict]]:
         if name == "sampled_token":
             rows.append({"gamma": gamma, **row})
         else:
-            other.append({"estimator": f"top{cfg.topk}" if name == "topk" else name, **row})
+            label = {"topk": f"top{cfg.topk}", "topk_tail": f"top{cfg.topk}_tail"}.get(name, name)
+            other.append({"estimator": label, **row})
     return rows, other
 
 
