@@ -15,6 +15,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
               "DART, OPD, GRPO (where on-policy data pays, and where it does not)"),
     "hidden": ("opd_mini.experiments.hidden", "a student above its teacher: a teacher noisy behind a flag the student "
                "cannot see (geometric against arithmetic mean)"),
+    "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "
+              "success-to-go from the student's prefixes, against position"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
                    "OPD stays put"),
     "retention": ("opd_mini.experiments.retention", "learning a new skill: the old one forgotten at matched "
