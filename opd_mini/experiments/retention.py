@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from opd_mini.experiments import toolkit
-from opd_mini.experiments.toolkit import mean_std
+from opd_mini.experiments.toolkit import fmt_reached, mean_std
 
 NAME = "retention"
 QUICK_HELP = "the small budget: SFT alone, 60 steps, then recovery (the tests use it)"
@@ -68,15 +68,6 @@ def run_job(job: dict) -> dict:
             **toolkit.curves(summary, "pass@1", "retention_pass@1", "retention_kl_to_init")}
 
 
-def first_reaching(run: dict, key: str, level: float) -> int | None:
-    """Index of the first evaluation where ``run[key]`` >= ``level`` (None: never)."""
-    return next((i for i, v in enumerate(run[key]) if v is not None and v >= level - 1e-12), None)
-
-
-def _at(run: dict, i: int | None, key: str):
-    return None if i is None else run[key][i]
-
-
 # --------------------------------------------------------------------------------------------
 # retention at matched B success
 # --------------------------------------------------------------------------------------------
@@ -88,16 +79,16 @@ def retention_results(runs: list[dict], methods: list[str], target: float) -> li
     out = []
     for name in methods:
         mine = sorted((r for r in runs if r["part"] == "retention" and r["method"] == name), key=lambda r: r["seed"])
-        hits = [first_reaching(r, "pass@1", target) for r in mine]
+        hits = [toolkit.first_reaching(r["pass@1"], target) for r in mine]
         out.append({
             "method": name, "seeds": [r["seed"] for r in mine],
             "A_before": mean_std([r["retention_pass@1"][0] for r in mine])[0],
             "A_before_per_seed": [r["retention_pass@1"][0] for r in mine],
             "B_before": mean_std([r["pass@1"][0] for r in mine])[0],
             "matched_B": target,
-            "steps_to_matched_B": [_at(r, i, "steps") for r, i in zip(mine, hits)],
-            "A_at_matched_B": [_at(r, i, "retention_pass@1") for r, i in zip(mine, hits)],
-            "kl_A_at_matched_B": [_at(r, i, "retention_kl_to_init") for r, i in zip(mine, hits)],
+            "steps_to_matched_B": [toolkit.at(r["steps"], i) for r, i in zip(mine, hits)],
+            "A_at_matched_B": [toolkit.at(r["retention_pass@1"], i) for r, i in zip(mine, hits)],
+            "kl_A_at_matched_B": [toolkit.at(r["retention_kl_to_init"], i) for r, i in zip(mine, hits)],
             "B_final": [r["pass@1"][-1] for r in mine], "A_final": [r["retention_pass@1"][-1] for r in mine],
             "kl_A_final": [r["retention_kl_to_init"][-1] for r in mine],
             "steps": mine[0]["steps"], "B_curves": [r["pass@1"] for r in mine],
@@ -156,15 +147,15 @@ def recovery_results(runs: list[dict], post_b: dict, variants: list[str]) -> lis
         after = [post_b[r["seed"]]["retention_pass@1"][-1] for r in mine]
         b_after = [post_b[r["seed"]]["pass@1"][-1] for r in mine]
         levels = [a + 2 / 3 * (b - a) for a, b in zip(after, before)]
-        hits = [first_reaching(r, "pass@1", lv) for r, lv in zip(mine, levels)]
+        hits = [toolkit.first_reaching(r["pass@1"], lv) for r, lv in zip(mine, levels)]
         out.append({
             "variant": name, "seeds": [r["seed"] for r in mine],
             "A_before_B": mean_std(before)[0], "A_after_B": mean_std(after)[0], "B_after_B": mean_std(b_after)[0],
             "A_before_B_per_seed": before, "A_after_B_per_seed": after, "B_after_B_per_seed": b_after,
             "two_thirds_level": levels,
-            "steps_to_two_thirds": [_at(r, i, "steps") for r, i in zip(mine, hits)],
+            "steps_to_two_thirds": [toolkit.at(r["steps"], i) for r, i in zip(mine, hits)],
             "A_recovered": [r["pass@1"][-1] for r in mine],
-            "B_at_two_thirds": [_at(r, i, "retention_pass@1") for r, i in zip(mine, hits)],
+            "B_at_two_thirds": [toolkit.at(r["retention_pass@1"], i) for r, i in zip(mine, hits)],
             "B_final": [r["retention_pass@1"][-1] for r in mine],
             "steps": mine[0]["steps"], "A_curves": [r["pass@1"] for r in mine],
             "B_curves": [r["retention_pass@1"] for r in mine]})
@@ -229,10 +220,6 @@ def recovery_figure(result: dict, path: Path) -> None:
     toolkit.save(fig, path)
 
 
-def _fmt(xs: list, digits: int = 3) -> str:
-    return toolkit.fmt(xs, digits, never="not reached (0/{n})", partial="({k}/{n} seeds)")
-
-
 def docs_block(result: dict, results_dir: str) -> str:
     """The docs' retention block, generated from the result."""
     setup = result["retention_setup"]
@@ -244,8 +231,8 @@ def docs_block(result: dict, results_dir: str) -> str:
              "| method | steps to matched B | A at matched B | KL(π₀ ‖ π) on A at matched B | B final | A final |",
              "|---|---|---|---|---|---|"]
     for e in result["retention"]:
-        lines.append(f"| {e['method']} | {_fmt(e['steps_to_matched_B'], 0)} | {_fmt(e['A_at_matched_B'])} | "
-                     f"{_fmt(e['kl_A_at_matched_B'])} | {_fmt(e['B_final'])} | {_fmt(e['A_final'])} |")
+        lines.append(f"| {e['method']} | {fmt_reached(e['steps_to_matched_B'], 0)} | {fmt_reached(e['A_at_matched_B'])} | "
+                     f"{fmt_reached(e['kl_A_at_matched_B'])} | {fmt_reached(e['B_final'])} | {fmt_reached(e['A_final'])} |")
     c = result["claims"]["opd_drop_at_most_half_of_sft"]
     cases = ", ".join(f"{x['method']} {x['drop']:.3f}" if x["drop"] is not None else f"{x['method']} not reached in every seed"
                       for x in c["cases"])
@@ -270,8 +257,8 @@ def recovery_block(result: dict, results_dir: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for e in result["recovery"]:
         lines.append(f"| {e['variant']} | {e['A_before_B']:.3f} | {e['A_after_B']:.3f} | "
-                     f"{_fmt(e['steps_to_two_thirds'], 0)} | {_fmt(e['A_recovered'])} | {e['B_after_B']:.3f} | "
-                     f"{_fmt(e['B_at_two_thirds'])} | {_fmt(e['B_final'])} |")
+                     f"{fmt_reached(e['steps_to_two_thirds'], 0)} | {fmt_reached(e['A_recovered'])} | {e['B_after_B']:.3f} | "
+                     f"{fmt_reached(e['B_at_two_thirds'])} | {fmt_reached(e['B_final'])} |")
     c = result["claims"]["recovery_two_thirds_B_within_0.05"]
     cases = "; ".join(f"{x['variant']}: {x['recovered_seeds']}/{x['seeds']} seeds recover ⅔, "
                       f"{x['B_within_0.05_seeds']}/{x['seeds']} with B within 0.05" for x in c["cases"])

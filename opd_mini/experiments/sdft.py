@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from opd_mini.experiments import toolkit
-from opd_mini.experiments.toolkit import mean_std
+from opd_mini.experiments.toolkit import fmt_reached, mean_std
 
 NAME = "sdft"
 QUICK_HELP = "the small budget: sdft_full and sft_answers at lr 3e-3, 30 steps (the tests use it)"
@@ -81,29 +81,20 @@ def run_job(job: dict) -> dict:
     return {"method": job["method"], "lr": c["lr"], "seed": c["seed"], **toolkit.curves(summary, *KEYS)}
 
 
-def first_reaching(curve: list, level: float) -> int | None:
-    """Index of the first evaluation where ``curve`` >= ``level`` (None: never)."""
-    return next((i for i, v in enumerate(curve) if v is not None and v >= level - 1e-12), None)
-
-
-def _at(curve: list, i: int | None):
-    return None if i is None else curve[i]
-
-
 def method_results(runs: list[dict], cells: list[tuple[str, float]], target: float) -> list[dict]:
     """One entry per (method, lr), per seed: A's drop, the KLs on B and on A, B's pass@k at matched B (None where a
     seed never reaches it), the final values and the curves."""
     out = []
     for name, lr in cells:
         mine = sorted((r for r in runs if r["method"] == name and r["lr"] == lr), key=lambda r: r["seed"])
-        hits = [first_reaching(r["pass@1"], target) for r in mine]
+        hits = [toolkit.first_reaching(r["pass@1"], target) for r in mine]
         a0 = [r["retention_pass@1"][0] for r in mine]
         out.append({
             "method": name, "lr": lr, "seeds": [r["seed"] for r in mine], "A_before_per_seed": a0,
-            "steps_to_matched_B": [_at(r["steps"], i) for r, i in zip(mine, hits)],
+            "steps_to_matched_B": [toolkit.at(r["steps"], i) for r, i in zip(mine, hits)],
             "A_drop_at_matched_B": [None if i is None else a - r["retention_pass@1"][i] for r, i, a in zip(mine, hits, a0)],
-            "kl_B_at_matched_B": [_at(r["kl_to_init"], i) for r, i in zip(mine, hits)],
-            "kl_A_at_matched_B": [_at(r["retention_kl_to_init"], i) for r, i in zip(mine, hits)],
+            "kl_B_at_matched_B": [toolkit.at(r["kl_to_init"], i) for r, i in zip(mine, hits)],
+            "kl_A_at_matched_B": [toolkit.at(r["retention_kl_to_init"], i) for r, i in zip(mine, hits)],
             "B_final": [r["pass@1"][-1] for r in mine], "B_pass@k_final": [r["pass@k"][-1] for r in mine],
             "A_drop_final": [a - r["retention_pass@1"][-1] for r, a in zip(mine, a0)],
             "kl_B_final": [r["kl_to_init"][-1] for r in mine], "kl_A_final": [r["retention_kl_to_init"][-1] for r in mine],
@@ -209,10 +200,6 @@ def figure(result: dict, path: Path) -> None:
     toolkit.save(fig, path)
 
 
-def _fmt(xs: list, digits: int = 3) -> str:
-    return toolkit.fmt(xs, digits, never="not reached (0/{n})", partial="({k}/{n} seeds)")
-
-
 def docs_block(result: dict, results_dir: str) -> str:
     """The docs' block, generated from the result."""
     s = result["setup"]
@@ -229,11 +216,11 @@ def docs_block(result: dict, results_dir: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in result["methods"]:
         teacher = e["forbidden_share_start"][0] is not None
-        share = f"{_fmt(e['forbidden_share_start'], 2)} → {_fmt(e['forbidden_share_final'], 2)}" if teacher else "–"
-        kl_q = _fmt(e["kl_to_teacher_start"], 2) if teacher else "–"
-        lines.append(f"| {e['lr']:g} | {e['method']} | {_fmt(e['steps_to_matched_B'], 0)} | {_fmt(e['A_drop_at_matched_B'])} | "
-                     f"{_fmt(e['kl_B_at_matched_B'])} | {_fmt(e['kl_A_at_matched_B'])} | {_fmt(e['B_final'])} | "
-                     f"{_fmt(e['B_pass@k_final'])} | {_fmt(e['A_drop_final'])} | {kl_q} | {share} |")
+        share = f"{fmt_reached(e['forbidden_share_start'], 2)} → {fmt_reached(e['forbidden_share_final'], 2)}" if teacher else "–"
+        kl_q = fmt_reached(e["kl_to_teacher_start"], 2) if teacher else "–"
+        lines.append(f"| {e['lr']:g} | {e['method']} | {fmt_reached(e['steps_to_matched_B'], 0)} | {fmt_reached(e['A_drop_at_matched_B'])} | "
+                     f"{fmt_reached(e['kl_B_at_matched_B'])} | {fmt_reached(e['kl_A_at_matched_B'])} | {fmt_reached(e['B_final'])} | "
+                     f"{fmt_reached(e['B_pass@k_final'])} | {fmt_reached(e['A_drop_final'])} | {kl_q} | {share} |")
     c, corr = result["claims"], result["correlation"]
     half = c["sdft_drop_at_most_half_of_sft_answers"]
     by_lr: dict = {}

@@ -334,6 +334,21 @@ def fmt(values: list, digits: int = 3, *, signed: bool = False, never: str = "ne
     return text if len(got) == len(values) else f"{text} {partial.format(k=len(got), n=len(values))}"
 
 
+def fmt_reached(values: list, digits: int = 3) -> str:
+    """:func:`fmt` of per-seed values at a target some seeds may never reach (None)."""
+    return fmt(values, digits, never="not reached (0/{n})", partial="({k}/{n} seeds)")
+
+
+def first_reaching(curve: list, level: float) -> int | None:
+    """Index of the first evaluation where ``curve`` >= ``level`` (None: never)."""
+    return next((i for i, v in enumerate(curve) if v is not None and v >= level - 1e-12), None)
+
+
+def at(curve: list, i: int | None):
+    """``curve[i]``, or None when ``i`` is (a target never reached)."""
+    return None if i is None else curve[i]
+
+
 def mean(values: list) -> float | None:
     """The mean of the values that are not None (None when none is)."""
     return mean_std(values)[0]
