@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -348,11 +349,35 @@ def preset_values(name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or JSON (.json) file holding a mapping of field names to values."""
+#: Keys a config file may hold besides the fields: a recipe (recipes/*.yaml) says what result it reproduces.
+RECIPE_KEYS = ("reproduces",)
+
+
+def key_lines(text: str, suffix: str) -> dict[tuple, int]:
+    """The 1-based line of every key of a YAML or JSON mapping, by its path (``("scales", "full", "steps")``);
+    for JSON, the top-level keys' first occurrence."""
+    if suffix == ".json":
+        return {(m.group(1),): text.count("\n", 0, m.start()) + 1
+                for m in reversed(list(re.finditer(r'"([^"\\]+)"\s*:', text)))}
+    import yaml
+
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+
+    walk(yaml.compose(text), ())
+    return lines
+
+
+def read_mapping(path: str | Path, what: str = "config file") -> tuple[dict[str, Any], dict[tuple, int]]:
+    """A YAML (.yaml/.yml) or JSON (.json) file holding a mapping, and the line of each of its keys."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"{what} {path} does not exist")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -360,17 +385,35 @@ def load_file(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+            raise ValueError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
     elif path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+            raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
     else:
-        raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
+        raise ValueError(f"{what} {path} must end in .yaml, .yml or .json")
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of field names to values, got {type(data).__name__}")
-    return data
+        raise ValueError(f"{what} {path} must hold a mapping of field names to values, got {type(data).__name__}")
+    return data, key_lines(text, path.suffix)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or JSON (.json) file holding a mapping of field names to values (and, for a
+    recipe, :data:`RECIPE_KEYS`); an unknown field is named with the file and its line."""
+    data, lines = read_mapping(path)
+    for key in data:
+        if key not in FIELD_NAMES and key != "preset" and key not in RECIPE_KEYS:
+            raise ValueError(f"unknown config field {key!r} in {path}, line {lines.get((key,), '?')}: "
+                             f"{_did_you_mean(key, FIELD_NAMES)}valid fields: preset, {', '.join(sorted(FIELD_NAMES))}")
+    return {k: v for k, v in data.items() if k not in RECIPE_KEYS}
+
+
+def _did_you_mean(key: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(names), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 #: The fields of an example a ``teacher_template`` may name.

@@ -13,6 +13,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "demo": ("opd_mini.experiments.demo", "why OPD learns fast, or does not: four settings × SFT, OPD variants, GRPO"),
     "slips": ("opd_mini.experiments.slips", "compounding errors on a slippery route: K waypoints × slip rate, BC, "
               "DART, OPD, GRPO (where on-policy data pays, and where it does not)"),
+    "plateau": ("opd_mini.experiments.plateau", "the blog's protocol: from a student SFT has brought to a plateau, "
+                "the sequences SFT, OPD and GRPO need to close the rest of the gap, and SFT's data-scaling fit"),
     "hidden": ("opd_mini.experiments.hidden", "a student above its teacher: a teacher noisy behind a flag the student "
                "cannot see (geometric against arithmetic mean)"),
     "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "

@@ -30,10 +30,9 @@ from opd_mini.experiments import toolkit
 NAME = "along"
 QUICK_HELP = "the small budget: 32 prompts, 2 continuations per prefix (the tests use it)"
 WORLDS = ("compounding", "counter_example")
-SCALES: dict[str, dict] = {
-    "full": dict(prompts=128, samples=2, continuations=8),
-    "quick": dict(prompts=32, samples=1, continuations=2),
-}
+#: The settings, from recipes/experiments/along.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: A position is reported where at least this many completions reach it (over all seeds' samples).
 MIN_ROWS = 20
 

@@ -61,25 +61,18 @@ from opd_mini.experiments.toolkit import fmt, mean_std
 
 NAME = "demo"
 QUICK_HELP = "the small budget: the two walk settings, three methods, 30 steps (under a minute on 2 cores)"
+#: The settings, from recipes/experiments/demo.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: The methods: name -> loss of the training loop (see the module docstring).
-METHODS: dict[str, str] = {
-    "sft": "sft", "opd_sampled": "reverse_kl_sampled", "opd_topk": "reverse_kl_topk", "opd_full": "reverse_kl_full",
-    "opd_jsd": "jsd", "grpo": "grpo", "opd_grpo": "opd_grpo",
-}
+METHODS: dict[str, str] = RECIPE["methods"]
 SETTING_NAMES = ("counter_example", "compounding", "noisy_teacher", "capacity")
 
 #: Budgets: the full demo (about 10 minutes on 2 cores) and --quick (the tests use it: the settings and methods
 #: whose claims they check).
-SCALES: dict[str, dict] = {
-    "full": dict(steps=120, eval_every=15, eval_prompts=128, settings=SETTING_NAMES, methods=tuple(METHODS),
-                 gap_fraction=0.5),
-    "quick": dict(steps=30, eval_every=10, eval_prompts=48, settings=("compounding", "noisy_teacher"),
-                  methods=("sft", "opd_full", "grpo"), gap_fraction=0.3),
-}
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: What every run shares: the loop's settings apart from the loss.
 #: (No divergence stop: a rare teacher token can spike SFT's gradient norm; clipping bounds those steps.)
-RUN = dict(lora=False, lr=5e-4, warmup_steps=10, prompts_per_step=16, num_generations=4, eval_samples=4, pass_k=4, threads=1,
-           save_every=0, progress=False, device="cpu", dtype="float32", divergence_factor=0.0)
+RUN = RECIPE["run"]
 #: Teacher samples per prompt that define its support.
 SUPPORT_SAMPLES = 8
 

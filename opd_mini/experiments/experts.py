@@ -43,27 +43,18 @@ MIXTURE = f"{REVERSE}+{ADD}"
 TASKS = (REVERSE, ADD)
 #: The OPD loss of every OPD method (full-vocabulary reverse KL: the vocabulary has 101 tokens).
 OPD_LOSS = "reverse_kl_full"
+#: The settings, from recipes/experiments/experts.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: name -> the TrainConfig fields that make the method ({R}, {A} = the reversal and addition experts' paths).
-METHODS: dict[str, dict] = {
-    "opd_two_teachers": dict(loss=OPD_LOSS, task=MIXTURE, teachers=f"{REVERSE}={{R}};{ADD}={{A}}"),
-    "sft_mixture": dict(loss="sft", task=MIXTURE, teachers=f"{REVERSE}={{R}};{ADD}={{A}}"),
-    "opd_reverse_only": dict(loss=OPD_LOSS, task=REVERSE, teachers=f"{REVERSE}={{R}}", eval_task="",
-                             retention_task=ADD),
-    "opd_add_only": dict(loss=OPD_LOSS, task=ADD, teachers=f"{ADD}={{A}}", eval_task="", retention_task=REVERSE),
-}
+METHODS: dict[str, dict] = RECIPE["methods"]
 #: Which tasks each method trains on (and so has an expert for during training).
 TRAINED_ON = {"opd_two_teachers": TASKS, "sft_mixture": TASKS, "opd_reverse_only": (REVERSE,), "opd_add_only": (ADD,)}
-SCALES: dict[str, dict] = {
-    "full": dict(steps=100, eval_every=20, eval_prompts=96),
-    "quick": dict(steps=16, eval_every=8, eval_prompts=32),
-}
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: What every run shares: full fine-tuning of the small student, the demo's loop settings, lr 1e-3.
-RUN = dict(lora=False, lr=1e-3, warmup_steps=10, eval_task=MIXTURE, max_new_tokens=8, prompts_per_step=16,
-           num_generations=4, eval_samples=4, pass_k=4, threads=1, save_every=0, progress=False, device="cpu",
-           dtype="float32", divergence_factor=0.0)
+RUN = RECIPE["run"]
 
 #: ``--lora``: a rank-8 LoRA adapter on every linear layer instead, at the retention experiment's LoRA lr.
-LORA = dict(lora=True, lr=3e-3)
+LORA = RECIPE["lora"]
 
 # --------------------------------------------------------------------------------------------
 # one run (a worker process)

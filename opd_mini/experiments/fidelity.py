@@ -48,15 +48,11 @@ QUICK_HELP = "the small budget (2 seeds × 6 steps, under a minute on 2 cores; t
 VERSIONS = ("none", "8bit", "4bit")
 LABELS = {"none": "full precision", "8bit": "8-bit (LLM.int8)", "4bit": "4-bit (NF4)"}
 SETTING = "compounding"
-SCALES: dict[str, dict] = {
-    # five seeds, so that the paired differences between teachers have some power
-    "full": dict(steps=40, eval_every=10, eval_prompts=128, compare_prompts=128, seeds="0,1,2,3,4"),
-    "quick": dict(steps=6, eval_every=3, eval_prompts=24, compare_prompts=32, seeds="0,1"),
-}
+#: The settings, from recipes/experiments/fidelity.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: What every run shares (the demo's loop settings; only the teacher's quantization differs).
-RUN = dict(loss="reverse_kl_sampled", lora=False, lr=5e-4, warmup_steps=10, prompts_per_step=16, num_generations=4,
-           eval_samples=4, pass_k=4, threads=1, save_every=0, progress=False, device="cpu", dtype="float32",
-           divergence_factor=0.0)
+RUN = RECIPE["run"]
 #: Samples per prompt of the fidelity comparison and of the final KL measurement.
 SAMPLES = 4
 #: Edges (log10 of nats) of the per-token KL histogram kept in the JSON; values are clamped into the range.

@@ -39,21 +39,17 @@ from opd_mini.experiments import toolkit
 
 NAME = "forgetting"
 QUICK_HELP = "the small budget: one learning rate, 10 steps (the tests use it)"
+#: The settings, from recipes/experiments/forgetting.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: The methods: name -> (loss, teacher_sample_pool).
-METHODS: dict[str, tuple[str, int]] = {"sft_fixed": ("sft", 64), "sft_fresh": ("sft", 0),
-                                       "opd": ("reverse_kl_sampled", 0)}
-SCALES: dict[str, dict] = {
-    "full": dict(steps=60, eval_every=10, eval_prompts=128, lrs=(1e-3, 3e-3, 1e-2), perturbed_steps=120),
-    "quick": dict(steps=10, eval_every=5, eval_prompts=48, lrs=(3e-3,), perturbed_steps=10),
-}
+METHODS: dict[str, tuple[str, int]] = RECIPE["methods"]
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: The parts: from π₀ itself, and from a perturbed student (their docs blocks: forgetting, forgetting_perturbed).
 PARTS = {"self_distill": "forgetting", "perturbed": "forgetting_perturbed"}
 #: The standard deviation of every weight of the noise adapter the perturbed part starts from (r 8, alpha 16:
 #: about 0.24 nats per token from π₀ on the walk student, ten times the largest SFT floor measured from π₀).
 PERTURB_SIGMA = 0.07
-RUN = dict(lora=True, teacher="self", task="walk:10", max_new_tokens=12, prompts_per_step=16, num_generations=4,
-           eval_samples=4, pass_k=4, eval_kl_forward=True, threads=1, save_every=0, progress=False, device="cpu",
-           dtype="float32", divergence_factor=0.0)
+RUN = RECIPE["run"]
 
 
 def run_job(job: dict) -> dict:

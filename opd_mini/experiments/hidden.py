@@ -50,21 +50,12 @@ QUICK_HELP = "the small budget: η = 0.3, ρ = 0.5, sft and opd_full, 2 seeds, 6
 #: The teacher of each noise level η (a setting of opd_mini.experiments.worlds).
 SETTINGS = {0.3: "hidden_flag", 0.15: "hidden_flag_mild"}
 TEMPLATE = "{hidden}{prompt}"
+#: The settings, from recipes/experiments/hidden.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: The methods: name -> the loop's settings that make it ({rho}: the flag rate of the cell).
-METHODS: dict[str, dict] = {
-    "sft": dict(loss="sft", task="hidden:{rho}:walk:10", teacher_template=TEMPLATE),
-    "opd_full": dict(loss="reverse_kl_full", task="hidden:{rho}:walk:10", teacher_template=TEMPLATE),
-    "opd_sampled": dict(loss="reverse_kl_sampled", task="hidden:{rho}:walk:10", teacher_template=TEMPLATE),
-    "opd_full_visible": dict(loss="reverse_kl_full", task="visible:{rho}:walk:10"),
-}
-SCALES: dict[str, dict] = {
-    "full": dict(steps=120, eval_prompts=128, seeds="0,1,2,3,4", rhos=(0.25, 0.5, 1.0), etas=(0.15, 0.3),
-                 methods=tuple(METHODS)),
-    "quick": dict(steps=60, eval_prompts=64, seeds="0,1", rhos=(0.5,), etas=(0.3,), methods=("sft", "opd_full")),
-}
-RUN = dict(lora=False, lr=5e-4, warmup_steps=10, prompts_per_step=16, num_generations=4, eval_samples=4, pass_k=4,
-           threads=1, save_every=0, progress=False, device="cpu", dtype="float32", divergence_factor=0.0,
-           max_new_tokens=12)
+METHODS: dict[str, dict] = RECIPE["methods"]
+SCALES: dict[str, dict] = RECIPE["scales"]
+RUN = RECIPE["run"]
 #: The headline cell of the claims.
 HEADLINE = (0.5, 0.3)  # (rho, eta)
 

@@ -55,27 +55,18 @@ QUICK_HELP = "the small budget (under a minute; the tests use it)"
 
 #: The per-token clipping of ``opsd_clipped``: r_t is clipped to [−CLIP, CLIP] (chosen before any run).
 CLIP = 1.0
+#: The settings, from recipes/experiments/opsd.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: The methods: name -> the TrainConfig fields that make it ({teacher} = the separate teacher's path,
 #: {template} = the privileged prompt).
-METHODS: dict[str, dict] = {
-    "opsd": dict(loss="reverse_kl_sampled", teacher="self", teacher_template="{template}"),
-    "opsd_clipped": dict(loss="reverse_kl_sampled", teacher="self", teacher_template="{template}",
-                         clip_log_ratio=CLIP),
-    "opd": dict(loss="reverse_kl_sampled", teacher="{teacher}"),
-    "sft": dict(loss="sft", teacher="{teacher}"),
-}
+METHODS: dict[str, dict] = RECIPE["methods"]
 SETTING, TASK = "privileged", "walk:10"
 #: The control: a student that never saw privileged prompts (does the privileged prompt help it?).
 CONTROL_SETTING = "compounding"
-SCALES: dict[str, dict] = {
-    "full": dict(steps=60, eval_every=10, eval_prompts=64, measure_prompts=64),
-    "quick": dict(steps=6, eval_every=6, eval_prompts=16, measure_prompts=16),
-}
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: Samples per prompt of the final measurements, and the k of pass@k.
 SAMPLES, K = 8, 4
-RUN = dict(lora=True, lr=3e-3, warmup_steps=5, task=TASK, max_new_tokens=12, prompts_per_step=16, num_generations=4,
-           eval_samples=4, pass_k=4, threads=1, save_every=0, progress=False, device="cpu", dtype="float32",
-           divergence_factor=0.0)
+RUN = RECIPE["run"]
 #: Token kinds of the KL-concentration measure, in index order.
 KINDS = ("answer", "eos", "other")
 

@@ -33,15 +33,12 @@ QUICK_HELP = "the small budget: 1 step, 2 prompts, 8 new tokens (the tests use i
 MODEL = "smollm2-135m"
 TASK = "add:2"
 PARTS = ("fidelity", "self_distill")
+#: The settings, from recipes/experiments/real.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: name -> (loss, teacher_sample_pool)
-METHODS: dict[str, tuple[str, int]] = {"sft_fixed": ("sft", 16), "opd": ("reverse_kl_sampled", 0)}
-SCALES: dict[str, dict] = {
-    "full": dict(steps=20, eval_every=5, eval_prompts=8, compare_prompts=16, max_new_tokens=16),
-    "quick": dict(steps=1, eval_every=1, eval_prompts=2, compare_prompts=2, max_new_tokens=8),
-}
-RUN = dict(lora=True, lora_target_modules="q_proj,v_proj", teacher="self", task=TASK, lr=1e-3, warmup_steps=0,
-           prompts_per_step=4, num_generations=2, eval_samples=2, pass_k=1, eval_kl_forward=True,
-           threads=1, save_every=0, progress=False, device="cpu", dtype="float32", divergence_factor=0.0)
+METHODS: dict[str, tuple[str, int]] = RECIPE["methods"]
+SCALES: dict[str, dict] = RECIPE["scales"]
+RUN = RECIPE["run"]
 #: Samples per prompt of the fidelity comparison.
 SAMPLES = 2
 

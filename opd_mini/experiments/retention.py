@@ -34,28 +34,14 @@ NAME = "retention"
 QUICK_HELP = "the small budget: SFT alone, 60 steps, then recovery (the tests use it)"
 PARTS = ("retention", "recovery")
 A_TASK, B_TASK = "reverse:5", "walk:10"
+#: The settings, from recipes/experiments/retention.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: name -> the TrainConfig fields that make the method ({B} = the B-expert's path).
-METHODS: dict[str, dict] = {
-    "sft": dict(loss="sft", teacher="{B}"),
-    "sft_replay": dict(loss="sft", task="{Btask}*3+{A}", teachers="{Btask}={B};{A}=self"),  # a quarter replay of A
-    "opd_sampled": dict(loss="reverse_kl_sampled", teacher="{B}"),
-    "opd_topk": dict(loss="reverse_kl_topk", teacher="{B}"),
-    "opd_full": dict(loss="reverse_kl_full", teacher="{B}"),
-    "grpo": dict(loss="grpo", teacher="none"),
-}
+METHODS: dict[str, dict] = RECIPE["methods"]
 #: Recovery: variant -> fields ({pre} = the pre-B teacher, {post} = the merged post-B model of the same seed).
-RECOVERY_VARIANTS: dict[str, dict] = {
-    "opd_A": dict(task="{A}", teacher="{pre}"),
-    "opd_A+B": dict(task="{A}+{Btask}", teachers="{A}={pre};{Btask}={post}"),
-}
-SCALES: dict[str, dict] = {
-    "full": dict(steps=100, recovery_steps=60, eval_every=10, eval_prompts=64, target_gap=0.15, methods=tuple(METHODS)),
-    # quick: SFT alone (recovery starts from it), long enough that B is learned and A falls in every seed
-    "quick": dict(steps=60, recovery_steps=20, eval_every=10, eval_prompts=32, target_gap=0.05, methods=("sft",)),
-}
-RUN = dict(lora=True, lr=3e-3, warmup_steps=5, task="{Btask}", eval_task="{Btask}", retention_task="{A}",
-           eval_kl_to_init=True, max_new_tokens=12, prompts_per_step=16, num_generations=4, eval_samples=4,
-           pass_k=4, threads=1, save_every=0, progress=False, device="cpu", dtype="float32", divergence_factor=0.0)
+RECOVERY_VARIANTS: dict[str, dict] = RECIPE["recovery_variants"]
+SCALES: dict[str, dict] = RECIPE["scales"]
+RUN = RECIPE["run"]
 #: A retention task the student knows: its pass@1 at the start must reach this.
 MIN_A = 0.5
 

@@ -51,21 +51,11 @@ from opd_mini.experiments.toolkit import fmt, mean_std
 NAME = "slips"
 QUICK_HELP = "the small budget: K = 2, slips in {0, 0.2}, bc and opd_full, 2 seeds, 50 steps (under a minute on 2 cores)"
 SETTING = "route"
+#: The settings, from recipes/experiments/slips.yaml (or --recipe FILE, --set KEY=VALUE): each of its keys is a constant below.
+RECIPE = toolkit.recipe(NAME)
 #: The methods: name -> the loop's settings that make it.
-METHODS: dict[str, dict] = {
-    "bc": dict(loss="sft", slip_train=False),
-    "dart": dict(loss="sft"),
-    "opd_full": dict(loss="reverse_kl_full"),
-    "opd_sampled": dict(loss="reverse_kl_sampled"),
-    "grpo": dict(loss="grpo", teacher="none"),
-}
-SCALES: dict[str, dict] = {
-    "full": dict(steps=200, eval_every=200, eval_prompts=64, seeds="0,1,2", headline_seeds="0,1,2,3,4",
-                 waypoints=(1, 2, 4), slips=(0.0, 0.05, 0.1, 0.2), methods=("bc", "dart", "opd_full"),
-                 corner_methods=("opd_sampled", "grpo")),
-    "quick": dict(steps=50, eval_every=50, eval_prompts=32, seeds="0,1", headline_seeds="0,1", waypoints=(2,),
-                  slips=(0.0, 0.2), methods=("bc", "opd_full"), corner_methods=()),
-}
+METHODS: dict[str, dict] = RECIPE["methods"]
+SCALES: dict[str, dict] = RECIPE["scales"]
 #: Positions of the route's line.
 POSITIONS = 6
 
@@ -74,8 +64,7 @@ def max_new_tokens(K: int) -> int:
     """The completion budget of a K-waypoint route: a leg is at most 5 moves, each slip costs two more."""
     return 6 * K + 6
 #: What every run shares: the loop's settings apart from the method's.
-RUN = dict(lora=False, lr=5e-4, warmup_steps=5, prompts_per_step=16, num_generations=4, eval_samples=4, pass_k=4,
-           threads=1, save_every=0, progress=False, device="cpu", dtype="float32", divergence_factor=0.0)
+RUN = RECIPE["run"]
 #: Samples per prompt of the final measurements.
 SAMPLES = 4
 

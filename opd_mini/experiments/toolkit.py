@@ -5,6 +5,8 @@ An experiment is one module of :mod:`opd_mini.experiments` that follows one temp
 
     NAME = "demo"                                   # python -m opd_mini.experiments demo
     QUICK_HELP = "..."                              # what --quick means for it
+    RECIPE = toolkit.recipe(NAME)                   # its settings, from recipes/experiments/demo.yaml:
+    RUN, METHODS, SCALES = RECIPE["run"], ...       #   each key of the recipe is the constant of that name
     def add_arguments(parser): ...                  # its own flags, beside the shared ones (experiment_parser)
     def run(args) -> dict:                          # trains through opd_mini.train.train, returns the result,
                                                     # written as OUT/NAME.json by write_outputs
@@ -19,8 +21,9 @@ figures (``OUT/NAME.png`` is then ``OUT/<block name>.png`` each; a block is writ
 ``result["parts"]``); ``COMMITTED`` = the file under :data:`RESULTS_DIR` its blocks are generated from, when
 that is not ``NAME.json``.
 
-:func:`main` runs it: parses the flags, runs, writes ``NAME.json``, ``NAME.md`` and the figures under
-``--out``, prints the blocks; bad input ends in one ``error:`` line and exit code 2.
+:func:`main` runs it: parses the flags, reads the recipe (``--recipe FILE``, then each ``--set KEY=VALUE``) into the
+module's constants for the run, runs, writes ``NAME.json`` (with the ``recipe`` that ran), ``NAME.md`` and the figures
+under ``--out``, prints the blocks; bad input ends in one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ def experiment_parser(name: str, description: str, quick_help: str) -> argparse.
     p.add_argument("--workers", type=int, default=2, help="parallel processes (one torch thread each)")
     p.add_argument("--out", default=f"runs/{name}", help="output directory")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--recipe", default=None, help=f"the settings: a YAML file like {RECIPES_DIR}/{name}.yaml (the default), "
+                   "checked against it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one field of the recipe, e.g. --set run.lr=0.001 --set scales.full.steps=50 (repeatable; "
+                   "methods.NEW.loss=jsd adds a method)")
     return p
 
 
@@ -119,9 +127,15 @@ def main(module: ModuleType, argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # the "Loading weights" bars of this process's own loads
+        values = merged_recipe(module.NAME, args.recipe, args.set)
+        saved = apply_recipe(module, values)
         t0 = time.perf_counter()
-        result = module.run(args)
+        try:
+            result = module.run(args)
+        finally:
+            restore_recipe(module, saved)
         result.setdefault("wall_s", round(time.perf_counter() - t0, 1))
+        result["recipe"] = {"file": args.recipe or f"{RECIPES_DIR}/{module.NAME}.yaml", "set": args.set, "values": values}
         write_outputs(module, result, Path(args.out))
         message = getattr(module, "failure", lambda r: None)(result)
         if message:  # e.g. a budget too small to reach any target: the results are written first
@@ -391,3 +405,155 @@ def write_block(path: str | Path, name: str, block: str) -> None:
 
 def cpus() -> int:
     return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# recipes: each experiment's settings, in recipes/experiments/NAME.yaml
+# --------------------------------------------------------------------------------------------
+
+#: Where the experiments' recipes live, relative to the repository.
+RECIPES_DIR = "recipes/experiments"
+#: A recipe's keys that document it rather than set anything.
+RECIPE_META = ("experiment", "reproduces")
+#: A run given --recipe or --set hands its merged recipe to its worker processes through this variable.
+RECIPE_ENV = "OPD_MINI_RECIPE"
+
+
+def recipe_path(name: str) -> Path:
+    return REPO / RECIPES_DIR / f"{name}.yaml"
+
+
+def recipe(name: str) -> dict:
+    """Experiment ``name``'s settings: its recipe file, or, in the worker processes of a run given --recipe or
+    --set, that run's merged recipe. Each key but :data:`RECIPE_META` is a module constant: ``run`` → ``RUN``."""
+    given = os.environ.get(RECIPE_ENV)
+    if given:
+        data = json.loads(given)
+        if data.get("experiment") == name:
+            return data
+    from opd_mini.config import read_mapping
+
+    return read_mapping(recipe_path(name), "recipe")[0]
+
+
+def _where(path, lines: dict, keys: tuple) -> str:
+    return f"{path}, line {lines[keys]}" if keys in lines else str(path)
+
+
+def check_recipe(name: str, data: dict, shipped: dict, path, lines: dict) -> None:
+    """A recipe has the shipped recipe's keys: ``run`` and every table of methods hold only the loop's fields (a
+    table may name new methods), each scale exactly the shipped scale's keys; the first unknown or missing one is
+    named, with the file and its line."""
+    from opd_mini.config import FIELD_NAMES
+
+    def unknown(keys: tuple, valid) -> ValueError:
+        return ValueError(f"recipe {_where(path, lines, keys)}: unknown field {'.'.join(keys)!r}; valid there: "
+                          f"{', '.join(valid)}")
+
+    if data.get("experiment", name) != name:
+        raise ValueError(f"recipe {_where(path, lines, ('experiment',))} is experiment {data['experiment']!r}'s, not "
+                         f"{name!r}'s")
+    for key in data:
+        if key not in shipped and key not in RECIPE_META:
+            raise unknown((key,), [k for k in shipped if k not in RECIPE_META])
+    for key in shipped:
+        if key not in data and key not in RECIPE_META:
+            raise ValueError(f"recipe {path} lacks {key!r}: copy it from {recipe_path(name).relative_to(REPO)}")
+    for key, value in data.items():
+        if key in RECIPE_META:
+            continue
+        if not isinstance(value, type(shipped[key])):
+            raise ValueError(f"recipe {_where(path, lines, (key,))}: {key!r} must be a {type(shipped[key]).__name__}")
+        if key == "run":
+            bad = next((k for k in value if k not in FIELD_NAMES), None)
+            if bad is not None:
+                raise unknown((key, bad), ["the loop's fields (python -m opd_mini.train --help)"])
+        elif key == "scales":
+            for scale, settings in value.items():
+                if scale not in shipped[key]:
+                    raise unknown((key, scale), shipped[key])
+                if not isinstance(settings, dict):
+                    raise ValueError(f"recipe {_where(path, lines, (key, scale))}: scales.{scale} must be a mapping")
+                for k in settings:
+                    if k not in shipped[key][scale]:
+                        raise unknown((key, scale, k), shipped[key][scale])
+                missing = [k for k in shipped[key][scale] if k not in settings]
+                if missing:
+                    raise ValueError(f"recipe {_where(path, lines, (key, scale))}: scales.{scale} lacks "
+                                     f"{', '.join(missing)}")
+        elif isinstance(value, dict) and all(isinstance(v, dict) for v in shipped[key].values()):
+            for entry, fields in value.items():  # a table of methods: each the loop's settings that make it
+                if not isinstance(fields, dict):
+                    raise ValueError(f"recipe {_where(path, lines, (key, entry))}: {key}.{entry} must be a mapping "
+                                     "of the loop's fields")
+                bad = next((k for k in fields if k not in FIELD_NAMES), None)
+                if bad is not None:
+                    raise unknown((key, entry, bad), ["the loop's fields (python -m opd_mini.train --help)"])
+
+
+def _scalar(text: str):
+    """A --set value: an int, a float (1e-3 too, which YAML 1.1 reads as a string), else YAML (true, [1, 2], a)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def merged_recipe(name: str, file: str | None, sets: list[str]) -> dict:
+    """The recipe a run uses: ``file`` (default: the shipped one), checked against the shipped one, then each
+    ``--set a.b.c=VALUE`` (an existing key, or a new entry of a table of methods)."""
+    from opd_mini.config import read_mapping
+
+    shipped = read_mapping(recipe_path(name), "recipe")[0]
+    data, lines = read_mapping(file, "recipe") if file else (json.loads(json.dumps(shipped)), {})
+    check_recipe(name, data, shipped, file or recipe_path(name), lines)
+    for item in sets:
+        keys, eq, value = item.partition("=")
+        path = tuple(k for k in keys.strip().split(".") if k)
+        if not eq or not path:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE; write e.g. --set run.lr=0.001 or --set scales.full.steps=50")
+        node = data
+        for depth, k in enumerate(path[:-1]):
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(path[:depth])!r} is not a mapping")
+            if k not in node:
+                if depth != 1 or path[0] in ("run", "scales"):
+                    raise ValueError(f"--set {item!r}: the recipe has no {'.'.join(path[:depth + 1])!r}")
+                node[k] = {}  # a new entry of a table of methods
+            node = node[k]
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {item!r}: {'.'.join(path[:-1])!r} is not a mapping")
+        node[path[-1]] = _scalar(value.strip())
+        try:
+            check_recipe(name, data, shipped, "--set", {})
+        except ValueError as e:
+            raise ValueError(f"--set {item!r}: {str(e).split(': ', 1)[1]}") from None
+    return {"experiment": name, **{k: v for k, v in data.items() if k != "experiment"}}
+
+
+def apply_recipe(module: ModuleType, data: dict) -> dict:
+    """Bind ``data``'s settings as ``module``'s constants (``run`` → ``RUN`` …) and hand them to its worker processes;
+    returns what to restore (:func:`restore_recipe`)."""
+    saved = {"env": os.environ.get(RECIPE_ENV),
+             "constants": {k.upper(): getattr(module, k.upper()) for k in data if k not in RECIPE_META}}
+    for key, value in data.items():
+        if key not in RECIPE_META:
+            setattr(module, key.upper(), value)
+    os.environ[RECIPE_ENV] = json.dumps(data)
+    return saved
+
+
+def restore_recipe(module: ModuleType, saved: dict) -> None:
+    for key, value in saved["constants"].items():
+        setattr(module, key, value)
+    if saved["env"] is None:
+        os.environ.pop(RECIPE_ENV, None)
+    else:
+        os.environ[RECIPE_ENV] = saved["env"]
