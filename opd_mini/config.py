@@ -124,6 +124,13 @@ class TrainConfig(LossOptions):
     teacher_sample_pool: int = opt(0, "losses trained on teacher samples (sft): a fixed set of them, this many "
                                    "training prompts sampled once at the start, each step drawing its prompts from "
                                    "the set (a distillation dataset); 0 = fresh teacher samples every step", ge=0)
+    train_prompts: int = opt(0, "train on a fixed set of this many training prompts, drawn once from the seed: every "
+                             "step's prompts_per_step prompts are drawn from it (1 = one prompt, sampled prompts_per_step "
+                             "× num_generations times a step); 0 = a fresh draw from the whole training split every step",
+                             ge=0)
+    prefix_fraction: float = opt(1.0, "distil a prefix: the training rollouts stop after ceil(prefix_fraction × "
+                                 "max_new_tokens) new tokens, the teacher scores those and the loss reads them; the "
+                                 "evaluation still samples whole completions; 1 = whole completions", gt=0, le=1)
     lmbda: float = opt(1.0, "GKD's λ (TRL's lmbda): the probability that a step's rollouts are the student's own samples; "
                        "otherwise the teacher samples that step (decided per step from the seed, so resumed runs match); "
                        "below 1 only with a full-distribution loss (reverse_kl_full, forward_kl, jsd, reverse_kl_topk(_tail), "
@@ -206,6 +213,16 @@ class TrainConfig(LossOptions):
             raise ValueError(f"teacher_sample_pool={self.teacher_sample_pool} would never be used: loss={self.loss} trains "
                              "on the student's own samples at every step; use it with a loss trained on teacher samples "
                              "(sft) or with --lmbda below 1 (GKD: the teacher's steps draw from the pool)")
+        if self.prefix_fraction < 1 and spec.reward:
+            raise ValueError(f"prefix_fraction={self.prefix_fraction} cuts the completions the verifier scores, and "
+                             f"loss={self.loss} learns from that reward: distil a prefix with a loss that reads only the "
+                             "teacher, or leave prefix_fraction at 1")
+        if self.prefix_fraction < 1 and self.teacher == ANSWERS:
+            raise ValueError(f"prefix_fraction={self.prefix_fraction} does not apply to teacher='answers' (reference "
+                             "answers are not sampled): drop --prefix_fraction")
+        if self.train_prompts and self.teacher_sample_pool:
+            raise ValueError(f"train_prompts={self.train_prompts} and teacher_sample_pool={self.teacher_sample_pool} "
+                             "both fix the prompts a run trains on: give one")
         if self.teacher_sample_pool and self.teacher_sample_pool < self.prompts_per_step:
             raise ValueError(f"teacher_sample_pool={self.teacher_sample_pool} is out of range: a fixed set must hold at "
                              f"least prompts_per_step={self.prompts_per_step} prompts (or 0 for fresh samples)")

@@ -18,7 +18,7 @@ TRAIN_METRIC_DOCS: dict[str, str] = {
     "rollout/num_tokens": "masked-in completion tokens of the step (the loss normaliser N)",
     "rollout/completion_len": "mean completion length in tokens (EOS included) of the step's rollouts",
     "rollout/truncated_frac": "fraction of the step's rollouts cut at max_new_tokens without an EOS (TRL's "
-    "completions/clipped_ratio)",
+    "completions/clipped_ratio; with --prefix_fraction, cut at the prefix)",
     "rollout/slipped_frac": "with --slip_prob: fraction of the emitted tokens of the step's rollouts that the "
     "environment swapped (left out of the loss)",
     "time/sample": "seconds spent generating rollouts this step",

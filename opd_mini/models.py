@@ -132,6 +132,9 @@ def effective_config(cfg: TrainConfig, task) -> TrainConfig:
         if not all(t.hidden_context for t in parts):
             raise ValueError(f"teacher_template={cfg.teacher_template!r} reads {{hidden}}, but the examples of task "
                              f"{task.name} carry no hidden context: use a hidden:RHO:SPEC task, or drop {{hidden}}")
+    if isinstance(task, MixTask) and cfg.train_prompts:
+        raise ValueError(f"train_prompts={cfg.train_prompts} is not supported with a mixture of tasks ({task.name}): a "
+                         "fixed set of prompts could leave a task out; train one task, or use 0")
     if isinstance(task, MixTask) and cfg.teacher_sample_pool:
         raise ValueError(f"teacher_sample_pool={cfg.teacher_sample_pool} is not supported with a mixture of tasks "
                          f"({task.name}); use 0 (fresh teacher samples every step)")

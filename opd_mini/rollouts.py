@@ -13,6 +13,7 @@ evaluation) it samples behind it; the student then trains on those tokens behind
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import torch
@@ -53,6 +54,12 @@ def teacher_prompts(cfg: TrainConfig, examples: list[Example]) -> list[str]:
     return [cfg.teacher_template.format(prompt=e.prompt, answer=e.answer, hidden=e.hidden) for e in examples]
 
 
+def rollout_tokens(cfg: TrainConfig) -> int:
+    """The new tokens a training rollout may draw: ``max_new_tokens``, or its first ⌈prefix_fraction × max_new_tokens⌉
+    with ``--prefix_fraction`` (the evaluation and the KL estimates sample whole completions)."""
+    return max(1, math.ceil(cfg.prefix_fraction * cfg.max_new_tokens - 1e-9))
+
+
 def sample_seed(seed: int, step_index: int, micro: int) -> int:
     """Sampling seed of one micro-batch: a function of (seed, step, micro-batch), so resumed runs match."""
     return (seed * 1_000_003 + step_index) * 1_009 + micro
@@ -67,7 +74,8 @@ def sample_batch(cfg: TrainConfig, m: Models, examples: list[Example], *, by_tea
     filters = dict(temperature=1.0, top_p=1.0, top_k=0) if exact else dict(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k_sampling)
     slip = m.slip if cfg.slip_train and not exact else None
-    kwargs = dict(num_generations=num_generations or cfg.num_generations, max_new_tokens=cfg.max_new_tokens,
+    kwargs = dict(num_generations=num_generations or cfg.num_generations,
+                  max_new_tokens=cfg.max_new_tokens if exact else rollout_tokens(cfg),
                   use_chat_template=chat(cfg), seed=seed, **filters, **sampler_options(cfg, teacher, slip))
     if not by_teacher:
         return sample(m.student, m.tokenizer, [e.prompt for e in examples], **kwargs)
@@ -116,7 +124,7 @@ def finish_batch(cfg: TrainConfig, m: Models, batch: Batch, examples: list[Examp
     lengths_B = mask_BT.sum(1)  # the completion up to and including its first EOS
     last_B = batch.tokens_BT.gather(1, (lengths_B - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     eos_B = torch.isin(last_B, torch.tensor(eos_token_ids(m.student, m.tokenizer), device=last_B.device))
-    truncated_B = (lengths_B >= cfg.max_new_tokens) & ~eos_B
+    truncated_B = (lengths_B >= rollout_tokens(cfg)) & ~eos_B  # with --prefix_fraction: cut at the prefix
     if cfg.mask_special_tokens:
         mask_BT = losses.mask_special_tokens(mask_BT, batch.tokens_BT, m.tokenizer.all_special_ids)
     if batch.slipped_BT is not None:  # the environment's moves, not the policy's: no loss on them
@@ -136,8 +144,17 @@ class Piece:
     examples: list[Example]  # examples[batch.prompt_index_B[b]] is row b's example
 
 
+def fixed_prompts(cfg: TrainConfig, task: Task, split: str) -> list[Example]:
+    """``--train_prompts N``: the N training examples every step draws its prompts from (a function of the seed)."""
+    return task.examples(cfg.train_prompts, seed=cfg.seed * 1_000_003 - 2, split=split)
+
+
 def step_examples(cfg: TrainConfig, task: Task, step_index: int, split: str) -> list[Example]:
-    """The prompts of one optimizer step: a function of (seed, step), so resumed runs match."""
+    """The prompts of one optimizer step: a function of (seed, step), so resumed runs match. With ``train_prompts``
+    they are drawn (with replacement) from a fixed set of that many training prompts, the same at every step."""
+    if cfg.train_prompts:
+        return random.Random(f"prompts/{cfg.seed}/{step_index}").choices(fixed_prompts(cfg, task, split),
+                                                                          k=cfg.prompts_per_step)
     return task.examples(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step_index, split=split)
 
 

@@ -47,8 +47,8 @@ from opd_mini.loading import resolve_device
 from opd_mini.metrics import METRIC_DOCS, PER_TASK_EVAL_KEYS, cuda_memory  # noqa: F401  (the glossary, kept here too)
 from opd_mini.models import TeacherRef, check_teacher_reads_student, effective_config, load_models
 from opd_mini.trackers import open_tracker
-from opd_mini.rollouts import (Piece, TeacherPool, chat, finish_batch, micro_batch_pieces, on_policy_step,
-                               sample_batch, sampler_options, score_batch, step_examples, teacher_prompts,
+from opd_mini.rollouts import (Piece, TeacherPool, chat, finish_batch, fixed_prompts, micro_batch_pieces,
+                               on_policy_step, rollout_tokens, sample_batch, sampler_options, score_batch, step_examples, teacher_prompts,
                                teacher_view)
 from opd_mini.sampler import slip_for
 from opd_mini.student import loss_and_backward
@@ -124,6 +124,9 @@ def _setup(cfg: TrainConfig, out_dir: Path) -> tuple[Run, runs.Progress]:
     # evaluation prompts: a file task's held-out split (never trained on), or a separate --eval_task
     eval_task, eval_split, train_split = ((get_task(cfg.eval_task), "all", "all") if cfg.eval_task
                                           else (task, "eval", "train"))
+    if cfg.train_prompts and (size := task.split_size(train_split)) is not None and cfg.train_prompts > size:
+        raise ValueError(f"train_prompts={cfg.train_prompts}: task {task.name} has only {size} training prompt(s); give "
+                         f"at most {size}, or 0 for all of them")
     if cfg.slip_prob > 0 and eval_task.slip_moves != task.slip_moves:
         raise ValueError(f"slip_prob={cfg.slip_prob}: the evaluation task {eval_task.name} does not slip the moves of "
                          f"{task.name} ({task.slip_moves}); evaluate on a task with the same moves")
@@ -333,6 +336,10 @@ def _summary(run: Run, out_dir: Path, progress: runs.Progress) -> dict[str, Any]
     ran = run.m.describe(run.spec)
     if run.m.slip is not None:
         ran["slip"] = {"prob": run.m.slip.prob, "moves": list(run.task.slip_moves), "training_rollouts": cfg.slip_train}
+    if cfg.train_prompts:  # the fixed set every step drew from
+        ran["train_prompts"] = [e.prompt for e in fixed_prompts(cfg, run.task, run.train_split)]
+    if cfg.prefix_fraction < 1:
+        ran["prefix_tokens"] = rollout_tokens(cfg)
     summary = {"config": cfg.to_dict(), "ran": ran, "steps_done": progress.step,
                "train_time_s": progress.train_time, "eval_source": run.eval_task.describe_split(run.eval_split),
                "eval_prompts_trained_on": len(held_out & trained) / max(1, len(held_out)),

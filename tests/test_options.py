@@ -43,6 +43,8 @@ class Seen:
         self.scorers = []  # each scoring call: (the model has trainable weights, its adapter disabled)
         self.slips, self.exact = [], []  # each training draw's slip; whether it drew a KL estimate's samples
         self.eval_slips, self.eval_methods = [], []  # the slip and the sampler of each draw of the evaluation
+        self.tokens, self.eval_tokens = [], []  # max_new_tokens of each training (or KL estimate's) and evaluation draw
+        self.batch_prompts = []  # the prompts of each sample_batch call (beside self.exact)
 
 
 def _probe_teachers(run):
@@ -120,6 +122,20 @@ def _probe_slip(run):
     assert any(s is not None and s.prob == 0.9 for s in run.seen.eval_slips)  # the evaluation slips too
 
 
+def _probe_prefix(run):
+    assert run.summary["ran"]["prefix_tokens"] == 3  # ceil(0.5 × 5)
+    assert len(run.seen.tokens) == len(run.seen.exact) and not all(run.seen.exact)
+    for tokens, exact in zip(run.seen.tokens, run.seen.exact):  # training draws stop at the prefix; KL estimates do not
+        assert tokens == (5 if exact else 3)
+    assert run.seen.eval_tokens and set(run.seen.eval_tokens) == {5}  # the evaluation samples whole completions
+
+
+def _probe_one_prompt(run):
+    fixed = run.summary["ran"]["train_prompts"]
+    drawn = {p for prompts, exact in zip(run.seen.batch_prompts, run.seen.exact) if not exact for p in prompts}
+    assert len(fixed) == 1 and drawn == set(fixed)
+
+
 def _probe_grad_accum(run):
     assert run.seen.backwards >= 2 * 2  # two micro-batches (or more, one per task) in each of the two steps
 
@@ -141,6 +157,8 @@ OPTIONS = {
     "kl_to_init": (dict(eval_kl_to_init="true", retention_task="add:2"), _probe_kl_to_init),
     "grad_accum": (dict(grad_accum=2), _probe_grad_accum),
     "slip": (dict(task="walk:10", slip_prob=0.9), _probe_slip),
+    "prefix": (dict(prefix_fraction=0.5), _probe_prefix),
+    "one_prompt": (dict(train_prompts=1), _probe_one_prompt),
 }
 
 #: Pairs refused in one line, and the message.
@@ -161,6 +179,10 @@ REFUSED = {
     frozenset({"answers", "pool"}): "is not allowed with loss=sft",
     frozenset({"answers", "plugin"}): "use it with loss=sft",
     frozenset({"answers", "slip"}): "do not slip",
+    frozenset({"prefix", "answers"}): "does not apply to teacher='answers'",
+    frozenset({"one_prompt", "pool"}): "both fix the prompts",
+    frozenset({"one_prompt", "mixture"}): "not supported with a mixture",
+    frozenset({"one_prompt", "teachers"}): "not supported with a mixture",
 }
 
 
@@ -209,11 +231,13 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
     def sample(model, tokenizer, prompts, **kw):
         seen.methods.append(kw.get("method"))
         seen.slips.append(kw.get("slip"))
+        seen.tokens.append(kw.get("max_new_tokens"))
         return real_sample(model, tokenizer, prompts, **kw)
 
     def sample_batch(*args, by_teacher, **kw):
         seen.by_teacher.append(by_teacher)
         seen.exact.append(kw.get("exact", False))
+        seen.batch_prompts.append([e.prompt for e in args[2]])
         return real_sample_batch(*args, by_teacher=by_teacher, **kw)
 
     def backward(*args, **kw):
@@ -222,6 +246,7 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
 
     def eval_sample(model, tokenizer, prompts, **kw):
         seen.eval_slips.append(kw.get("slip"))
+        seen.eval_tokens.append(kw.get("max_new_tokens"))
         seen.eval_methods.append(kw.get("method"))
         return real_sample(model, tokenizer, prompts, **kw)
 
@@ -231,6 +256,7 @@ def _run(names, assets, student, teacher, out: Path, monkeypatch, capsys):
     monkeypatch.setattr(rollouts, "sample_batch", sample_batch)
     def eval_sample_batch(*args, **kw):  # the evaluation's teacher samples (a KL estimate's)
         seen.exact.append(kw.get("exact", False))
+        seen.batch_prompts.append([e.prompt for e in args[2]])
         return real_sample_batch(*args, **kw)
 
     monkeypatch.setattr(train, "sample_batch", eval_sample_batch)

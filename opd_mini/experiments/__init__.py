@@ -17,6 +17,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                 "the sequences SFT, OPD and GRPO need to close the rest of the gap, and SFT's data-scaling fit"),
     "hidden": ("opd_mini.experiments.hidden", "a student above its teacher: a teacher noisy behind a flag the student "
                "cannot see (geometric against arithmetic mean)"),
+    "shortcuts": ("opd_mini.experiments.shortcuts", "two cheap versions of OPD: distil only a prefix of each completion "
+                  "(--prefix_fraction), or train on one prompt (--train_prompts 1)"),
     "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "
               "success-to-go from the student's prefixes, against position"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
