@@ -169,6 +169,9 @@ def test_quick_real_experiment_measures_fidelity_and_self_distillation(tmp_path)
     assert all(x == 0.0 for k in by["opd"]["kl_to_init"] for x in k)
     assert all(k[-1] > 0 for k in by["sft_fixed"]["kl_to_init"])
     assert (tmp_path / "real.png").stat().st_size > 0
+    from opd_mini.experiments import toolkit  # the quick scale is one step: this is the real recipe's one-step run
+
+    assert result["recipe"]["values"] == toolkit.recipe("real") and real.SCALES["quick"]["steps"] == 1
 
 
 def test_committed_real_results_and_docs_agree():

@@ -62,8 +62,12 @@ def test_the_tiny_cpu_recipe_runs_a_step_and_flags_override_it(tmp_path):
             if "time/step" in line] == [1]
 
 
+#: The real model's quick scale is itself one step, run by tests/test_real_model.py (loading it takes most of a minute).
+ONE_STEP_ELSEWHERE = ("real",)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", EXPERIMENT_RECIPES)
+@pytest.mark.parametrize("name", [n for n in EXPERIMENT_RECIPES if n not in ONE_STEP_ELSEWHERE])
 def test_every_experiment_recipe_runs_one_step(name, tmp_path):
     """The experiment at its quick scale, one training step per run, one seed: the recipe drives a real run, and
     the result records the recipe that ran. (A budget this small may reach no target: that is exit 2 after the

@@ -19,6 +19,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                "cannot see (geometric against arithmetic mean)"),
     "shortcuts": ("opd_mini.experiments.shortcuts", "two cheap versions of OPD: distil only a prefix of each completion "
                   "(--prefix_fraction), or train on one prompt (--train_prompts 1)"),
+    "special": ("opd_mini.experiments.special", "Fu et al.'s special-token masking, measured: sampled-token OPD with and "
+                "without --mask_special_tokens, and the share of the update on those tokens"),
     "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "
               "success-to-go from the student's prefixes, against position"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
