@@ -21,6 +21,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                   "(--prefix_fraction), or train on one prompt (--train_prompts 1)"),
     "special": ("opd_mini.experiments.special", "Fu et al.'s special-token masking, measured: sampled-token OPD with and "
                 "without --mask_special_tokens, and the share of the update on those tokens"),
+    "topk": ("opd_mini.experiments.topk", "top-K as Fu et al. run it: top-p rollouts × K × sampled-token, renormalised "
+             "top-K and top-K with a tail bucket"),
     "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "
               "success-to-go from the student's prefixes, against position"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
