@@ -23,6 +23,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                 "without --mask_special_tokens, and the share of the update on those tokens"),
     "topk": ("opd_mini.experiments.topk", "top-K as Fu et al. run it: top-p rollouts × K × sampled-token, renormalised "
              "top-K and top-K with a tail bucket"),
+    "passk": ("opd_mini.experiments.passk", "pass@k to k = 64 on the transformer worlds: does GRPO sharpen, does OPD "
+              "keep its teacher's coverage?"),
     "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "
               "success-to-go from the student's prefixes, against position"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "

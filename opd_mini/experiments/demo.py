@@ -1,7 +1,7 @@
-"""Why on-policy distillation learns fast, or does not, on tiny transformers: four settings, seven methods.
+"""Why on-policy distillation learns fast, or does not, on tiny transformers: four settings, eight methods.
 
     python -m opd_mini.experiments demo [--quick] [--settings compounding,noisy_teacher] [--methods sft,opd_full]
-                                        [--seeds 0,1,2] [--out runs/demo] [--workers 2]
+                                        [--seeds 0,1,2,3,4] [--out runs/demo] [--workers 2]
 
 Each **setting** (:mod:`opd_mini.experiments.worlds`) is a task, a teacher built to a target accuracy and a
 student warm-started to a lower one:
@@ -19,7 +19,8 @@ differs (method names start with ``sft``, ``grpo`` or ``opd``):
 ====================  ==========================================================================
 ``sft``               continued SFT on teacher samples (off-policy)
 ``opd_sampled``       OPD, sampled-token reverse KL (the student samples, the teacher scores)
-``opd_topk``          OPD, reverse KL inside the teacher's top-K
+``opd_topk``          OPD, reverse KL inside the teacher's top-K (renormalised)
+``opd_topk_tail``     OPD, reverse KL over the teacher's top-K plus one bucket for the mass outside them
 ``opd_full``          OPD, full-vocabulary reverse KL
 ``opd_jsd``           OPD, generalised JSD (β = 0.5), between forward and reverse KL
 ``grpo``              RL with the task's verifier, no teacher
@@ -31,8 +32,11 @@ reach the target): **student sequences to the target**, the first evaluation whe
 (``--quick``: 30 %; two settings, three methods) of the gap between the student's start and the teacher's sampled pass@1 (SFT's sequences are teacher
 samples); **wall seconds** and **FLOPs** to that point; final pass@1, pass@k, per-token KL to the
 teacher and per-token entropy (the teacher's own entropy on its own samples beside it); and on the
-final student's samples, the fraction that **leave the teacher's support** (a completion that none of
-8 teacher samples for its prompt is) and the success rate of those.
+final student's samples, **recovery**: the share that **deviate** (emit a token the teacher gives
+probability < 0.1), the share whose first deviation is **recoverable** (the teacher, continuing from that
+prefix, finishes correctly in at least one of 4 samples), and the student's **success after a recoverable
+deviation** (pooled over the seeds, beside the number of such samples): whether it repairs what it broke, the
+quantity on which on-policy training should differ.
 
 FLOPs are estimated from parameter counts P (all weights) and the tokens of each step, logged by the
 loop, prompts included: 2·P per token for a forward pass (sampling with a KV cache: the prompt once, then
@@ -73,8 +77,12 @@ SCALES: dict[str, dict] = RECIPE["scales"]
 #: What every run shares: the loop's settings apart from the loss.
 #: (No divergence stop: a rare teacher token can spike SFT's gradient norm; clipping bounds those steps.)
 RUN = RECIPE["run"]
-#: Teacher samples per prompt that define its support.
-SUPPORT_SAMPLES = 8
+#: Teacher samples per prompt for its own pass@1 and entropy.
+TEACHER_SAMPLES = 8
+#: A token the teacher gives less than this probability is a deviation from its path.
+DEVIATION_P = 0.1
+#: Teacher continuations from a deviation's prefix that decide whether it is recoverable.
+RECOVERY_CONTINUATIONS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,13 +94,13 @@ SUPPORT_SAMPLES = 8
 def policy_stats(model, teacher, tokenizer, task, prompts_examples: list, *, max_new_tokens: int,
                  samples: int = 4, seed: int = 0) -> dict:
     """On ``samples`` temperature-1 samples per prompt of ``model``: pass@1, per-token entropy, and (when a
-    ``teacher`` is given) the fraction of samples outside the teacher's support and their success rate."""
+    ``teacher`` is given) :func:`deviations`."""
     from opd_mini.forward import completion_logits
     from opd_mini.sampler import sample
 
     prompts = [e.prompt for e in prompts_examples]
     r = sample(model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens, temperature=1.0,
-               seed=seed)
+               seed=seed, use_chat_template=False)
     paired = [prompts_examples[i] for i in r.prompt_index_B.tolist()]
     rewards = task.rewards(r.completions, paired)
     logp_BTV = torch.log_softmax(completion_logits(model, r).float(), dim=-1)
@@ -100,16 +108,42 @@ def policy_stats(model, teacher, tokenizer, task, prompts_examples: list, *, max
     out = {"pass@1": sum(rewards) / len(rewards),
            "entropy": float(entropy_BT[r.mask_BT].mean())}
     if teacher is not None:
-        t = sample(teacher, tokenizer, prompts, num_generations=SUPPORT_SAMPLES, max_new_tokens=max_new_tokens,
-                   temperature=1.0, seed=seed + 1)
-        support: dict[int, set] = {}
-        for i, c in zip(t.prompt_index_B.tolist(), t.completions):
-            support.setdefault(i, set()).add(c)
-        off = [c not in support[i] for i, c in zip(r.prompt_index_B.tolist(), r.completions)]
-        n_off = sum(off)
-        out["off_support"] = n_off / len(off)
-        out["off_support_success"] = (sum(w for w, o in zip(rewards, off) if o) / n_off) if n_off else None
+        out.update(deviations(r, rewards, paired, teacher, tokenizer, task, max_new_tokens=max_new_tokens, seed=seed))
     return out
+
+
+@torch.no_grad()
+def deviations(r, rewards: list[float], examples: list, teacher, tokenizer, task, *, max_new_tokens: int,
+               seed: int) -> dict:
+    """Recovery on the student's samples ``r``: a sample **deviates** where it first emits a token that the teacher
+    gives probability < :data:`DEVIATION_P` (off the teacher's path); the deviation is **recoverable** when the teacher,
+    continuing from the prefix that ends with that token, finishes it correctly in at least one of
+    :data:`RECOVERY_CONTINUATIONS` samples (an end-of-sequence token ends the sample: not recoverable). Returns the
+    share of samples that deviate, the share whose deviation is recoverable, and the student's own success on those:
+    ``recovered``, the success after a recoverable deviation (None when there is none)."""
+    from opd_mini.sampler import eos_token_ids, sample
+    from opd_mini.teacher import score
+
+    teacher_p_BT = score(teacher, r, vocab_size=len(tokenizer)).teacher_logp_BT.float().exp().cpu()
+    off_BT = (teacher_p_BT < DEVIATION_P) & r.mask_BT.cpu()
+    eos = set(eos_token_ids(teacher, tokenizer))
+    first = {b: int(row.nonzero()[0]) for b, row in enumerate(off_BT) if row.any()}
+    open_ = {b: t for b, t in first.items() if int(r.tokens_BT[b, t]) not in eos and t + 1 < max_new_tokens}
+    recoverable = set()
+    for t in sorted(set(open_.values())):  # one sampling call per prefix length
+        rows = [b for b, tt in open_.items() if tt == t]
+        heads = [tokenizer.decode(r.tokens_BT[b, :t + 1].tolist()) for b in rows]
+        cont = sample(teacher, tokenizer, [examples[b].prompt + h for b, h in zip(rows, heads)],
+                      num_generations=RECOVERY_CONTINUATIONS, max_new_tokens=max_new_tokens - t - 1, temperature=1.0,
+                      seed=seed * 1_000 + t, use_chat_template=False)
+        for k, c in enumerate(cont.completions):
+            i = int(cont.prompt_index_B[k])
+            if task.reward(heads[i] + c, examples[rows[i]]) > 0:
+                recoverable.add(rows[i])
+    n, repaired = len(rewards), sum(rewards[b] for b in recoverable)
+    return {"deviated": len(first) / n, "recoverable": len(recoverable) / n,
+            "recovered": repaired / len(recoverable) if recoverable else None,
+            "recoverable_n": len(recoverable), "recovered_n": repaired}
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +197,7 @@ def setting_job(job: dict) -> dict:
     for seed in job["seeds"]:
         examples = held_out_examples(task, job["eval_prompts"], seed)
         out[f"teacher/{seed}"] = policy_stats(teacher, None, tokenizer, task, examples,
-                                              max_new_tokens=job["max_new_tokens"], samples=SUPPORT_SAMPLES, seed=seed)
+                                              max_new_tokens=job["max_new_tokens"], samples=TEACHER_SAMPLES, seed=seed)
         out[f"student/{seed}"] = policy_stats(student, teacher, tokenizer, task, examples,
                                               max_new_tokens=job["max_new_tokens"], seed=seed)
     return out
@@ -191,6 +225,19 @@ def to_target(run: dict, target: float, sequences_per_step: int, flops: list[flo
     return {"sequences": None, "seconds": None, "flops": None}
 
 
+def pooled(stats: list[dict], prefix: str = "") -> dict:
+    """The success after a recoverable deviation over every seed's samples together (per seed there may be few):
+    ``recovered_pooled`` (None when no sample deviated recoverably) and ``recoverable_total``, the samples behind it."""
+    n = sum(s["recoverable_n"] for s in stats)
+    return {f"{prefix}recovered_pooled": sum(s["recovered_n"] for s in stats) / n if n else None,
+            f"{prefix}recoverable_total": n}
+
+
+def recovery(rate: float | None, n: int) -> str:
+    """A pooled success after a recoverable deviation, with the number of samples behind it."""
+    return "no case" if not n else f"{rate:.2f} of {n}"
+
+
 def aggregate(setting: dict, runs: list[dict], methods: list[str], seeds: list[int], prompt_len: float,
               gap_fraction: float) -> dict:
     """One setting's entry of demo.json."""
@@ -206,9 +253,9 @@ def aggregate(setting: dict, runs: list[dict], methods: list[str], seeds: list[i
              "teacher_entropy": mean_std([setting[f"teacher/{s}"]["entropy"] for s in seeds])[0],
              "student_start_pass@1": start_p1,
              "student_start_entropy": mean_std([setting[f"student/{s}"]["entropy"] for s in seeds])[0],
-             "student_start_off_support": mean_std([setting[f"student/{s}"]["off_support"] for s in seeds])[0],
-             "student_start_off_support_success": mean_std(
-                 [setting[f"student/{s}"]["off_support_success"] for s in seeds])[0],
+             **{f"student_start_{k}": toolkit.mean([setting[f"student/{s}"][k] for s in seeds])
+                for k in ("deviated", "recoverable")},
+             **pooled([setting[f"student/{s}"] for s in seeds], "student_start_"),
              "target_pass@1": target, "methods": []}
     for method in methods:
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
@@ -226,8 +273,10 @@ def aggregate(setting: dict, runs: list[dict], methods: list[str], seeds: list[i
             "final_pass@k": [r["evals"][-1]["eval/pass@k"] for r in mine],
             "final_kl": [r["evals"][-1]["eval/kl_reverse"] for r in mine],
             "entropy": [r["final"]["entropy"] for r in mine],
-            "off_support": [r["final"]["off_support"] for r in mine],
-            "off_support_success": [r["final"]["off_support_success"] for r in mine],
+            "deviated": [r["final"]["deviated"] for r in mine],
+            "recoverable": [r["final"]["recoverable"] for r in mine],
+            "recovered": [r["final"]["recovered"] for r in mine],
+            **pooled([r["final"] for r in mine]),
             "train_s": [r["train_s"] for r in mine],
             "curve": {"steps": [e["step"] for e in mine[0]["evals"]],
                       "sequences": [e["step"] * seqs for e in mine[0]["evals"]],
@@ -281,6 +330,15 @@ def claims(result: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def start_recovery(s: dict) -> str:
+    """The start student's deviations, in words."""
+    n = s["student_start_recoverable_total"]
+    return (f"{s['student_start_deviated']:.0%} of its samples deviate from the teacher's path, "
+            f"{s['student_start_recoverable']:.0%} recoverably, and it succeeds after "
+            + (f"{s['student_start_recovered_pooled']:.2f} of those ({n} samples over the seeds)" if n else
+               "none (no sample deviated recoverably)"))
+
+
 def tables(result: dict) -> str:
     """The Markdown tables: one per setting."""
     out = []
@@ -288,17 +346,17 @@ def tables(result: dict) -> str:
         out += [f"### {s['name']} ({s['task']})", "", s["about"] + ".", "",
                 f"Teacher {s['teacher_params']:,} parameters, sampled pass@1 {s['teacher_pass@1']:.3f}, entropy "
                 f"{s['teacher_entropy']:.3f} nats/token; student {s['student_params']:,} parameters, starts at pass@1 "
-                f"{s['student_start_pass@1']:.3f} with {s['student_start_off_support']:.0%} of its samples outside the "
-                f"teacher's support; target pass@1 {s['target_pass@1']:.3f}.", "",
+                f"{s['student_start_pass@1']:.3f}, {start_recovery(s)}; target pass@1 {s['target_pass@1']:.3f}.", "",
                 "| method | sequences to target | seconds to target | GFLOPs to target | final pass@1 | pass@k | "
-                "KL/token | entropy | outside support | success there |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "KL/token | entropy | deviate | recoverably | success after (of samples) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in s["methods"]:
             gflops = [None if x is None else x / 1e9 for x in m["flops_to_target"]]
             out.append(" | ".join([
                 f"| {m['method']}", fmt(m["samples_to_target"], 0), fmt(m["seconds_to_target"], 1), fmt(gflops, 2),
                 fmt(m["final_pass@1"]), fmt(m["final_pass@k"]), fmt(m["final_kl"]), fmt(m["entropy"]),
-                fmt(m["off_support"], 2), fmt(m["off_support_success"], 2)]) + " |")
+                fmt(m["deviated"], 2), fmt(m["recoverable"], 2),
+                recovery(m["recovered_pooled"], m["recoverable_total"])]) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -328,12 +386,14 @@ def docs_block(result: dict, results_dir: str) -> str:
                   f"{s['teacher_entropy']:.3f}; student starts at {s['student_start_pass@1']:.3f}, target "
                   f"{s['target_pass@1']:.3f}; {s['eval_prompts_also_trained_on']:.0%} of the evaluation prompts were "
                   f"also training prompts): {s['about']}.", "",
-                  "| method | sequences to target | final pass@1 | pass@k | entropy | outside teacher's support | "
-                  "success there |", "|---|---|---|---|---|---|---|"]
+                  f"The start student: {start_recovery(s)}.", "",
+                  "| method | sequences to target | final pass@1 | pass@k | entropy | deviate | recoverably | "
+                  "success after (of samples) |", "|---|---|---|---|---|---|---|---|"]
         for m in s["methods"]:
             lines.append(" | ".join([f"| {m['method']}", fmt(m["samples_to_target"], 0), fmt(m["final_pass@1"]),
-                                     fmt(m["final_pass@k"]), fmt(m["entropy"]), fmt(m["off_support"], 2),
-                                     fmt(m["off_support_success"], 2)]) + " |")
+                                     fmt(m["final_pass@k"]), fmt(m["entropy"]), fmt(m["deviated"], 2),
+                                     fmt(m["recoverable"], 2),
+                                     recovery(m["recovered_pooled"], m["recoverable_total"])]) + " |")
         lines.append("")
     speed, above = result["claims"]["opd_3x_fewer_than_sft_and_5x_fewer_than_grpo"], \
         result["claims"]["opd_above_noisy_teacher_every_seed"]
@@ -382,6 +442,7 @@ def figure(result: dict, path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(seeds=None)  # the scale's: 5 seeds, --quick 3
     p.add_argument("--settings", default=None, help=f"comma-separated, from {', '.join(SETTING_NAMES)} (default: all; "
                    f"--quick: {','.join(SCALES['quick']['settings'])})")
     p.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: all; "

@@ -294,7 +294,8 @@ METHOD_STYLE: dict[str, dict] = {
     "sft": dict(color="C0", label="SFT"), "sft_fixed": dict(color="C0", label="SFT (fixed set)"),
     "sft_fresh": dict(color="C9", label="SFT (fresh samples)"), "grpo": dict(color="C3", label="GRPO"),
     "opd_sampled": dict(color="C2", label="OPD sampled-token"), "opd_full": dict(color="C1", label="OPD full"),
-    "opd_topk": dict(color="C4", label="OPD top-K"), "opd_jsd": dict(color="C5", label="OPD JSD"),
+    "opd_topk": dict(color="C4", label="OPD top-K"), "opd_topk_tail": dict(color="teal", label="OPD top-K + tail"),
+    "opd_jsd": dict(color="C5", label="OPD JSD"),
     "opd_grpo": dict(color="C6", label="OPD + reward"), "forward_kl": dict(color="C8", label="forward KL"),
 }
 
