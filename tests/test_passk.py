@@ -80,3 +80,24 @@ def test_docs_reading_of_the_results_holds_on_the_committed_json():
     assert 0 < toolkit.mean(start) - toolkit.mean(tail) <= max(toolkit.mean_std(tail)[1], toolkit.mean_std(start)[1])
     assert m("counter_example", "sft") >= m("counter_example", "start")
     assert m("counter_example", "opd_full", 0) > m("counter_example", "start", 0)  # pass@1 rises while coverage falls
+
+
+def test_docs_reading_of_entropy_aware_opd_holds_on_the_committed_json():
+    """Entropy-aware OPD: its forward term is on at few positions of the walk and reversal, at most positions behind the
+    noisy teacher, where its students keep more entropy than full OPD's (beyond the spread) and lose pass@1 within it."""
+    result = json.loads(COMMITTED.read_text())
+    w = result["worlds"]
+
+    def on(world):
+        return toolkit.mean(w[world]["methods"]["opd_entropy_aware"]["high_entropy_frac"])
+
+    assert on("counter_example") < 0.01 and on("compounding") < 0.1 and on("noisy_teacher") > 0.5
+    ea, full = (w["noisy_teacher"]["methods"][m] for m in ("opd_entropy_aware", "opd_full"))
+    spread = max(toolkit.mean_std(ea["entropy"])[1], toolkit.mean_std(full["entropy"])[1])
+    assert toolkit.mean(ea["entropy"]) - toolkit.mean(full["entropy"]) > spread
+    p1 = [[c[0] for c in m["pass@k"]] for m in (ea, full)]
+    assert 0 < toolkit.mean(p1[1]) - toolkit.mean(p1[0]) < max(toolkit.mean_std(p)[1] for p in p1)
+    assert all(toolkit.mean([c[-1] for c in m["pass@k"]]) > 0.98 for m in w["noisy_teacher"]["methods"].values())
+    assert not any(c["holds"] for k, c in result["claims"].items() if k.endswith("entropy_aware_covers_more"))
+    # GRPO never calls the teacher: its runs behind the noisy teacher are the walk's
+    assert w["noisy_teacher"]["methods"]["grpo"]["pass@k"] == w["compounding"]["methods"]["grpo"]["pass@k"]

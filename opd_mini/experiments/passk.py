@@ -42,26 +42,31 @@ def k_grid(n: int) -> list[int]:
 
 
 def curve(model_dir: str, job: dict) -> dict:
-    """pass@k for every k of :func:`k_grid` and the share of prompts never solved, ``samples`` completions a prompt."""
+    """pass@k for every k of :func:`k_grid`, the share of prompts never solved and the per-token entropy, from
+    ``samples`` completions a prompt."""
     import torch
     from transformers import AutoTokenizer
 
     from opd_mini.eval import held_out_examples, pass_at_k
+    from opd_mini.forward import completion_logits
     from opd_mini.sampler import sample
     from opd_mini.tasks import get_task
 
     task, n = get_task(job["task"]), job["samples"]
     examples = held_out_examples(task, job["eval_prompts"], job["seed"])
+    model = toolkit.load_frozen(model_dir)
     with torch.no_grad():
-        r = sample(toolkit.load_frozen(model_dir), AutoTokenizer.from_pretrained(job["tokenizer"]),
-                   [e.prompt for e in examples], num_generations=n, max_new_tokens=job["max_new_tokens"],
-                   temperature=1.0, seed=job["seed"] + 7, use_chat_template=False)
+        r = sample(model, AutoTokenizer.from_pretrained(job["tokenizer"]), [e.prompt for e in examples],
+                   num_generations=n, max_new_tokens=job["max_new_tokens"], temperature=1.0, seed=job["seed"] + 7,
+                   use_chat_template=False)
+        logp_BTV = torch.log_softmax(completion_logits(model, r).float(), dim=-1)
+        entropy = float((-(logp_BTV.exp() * logp_BTV).sum(-1))[r.mask_BT].mean())
     correct = [0] * len(examples)
     for i, c in zip(r.prompt_index_B.tolist(), r.completions):
         correct[i] += int(task.reward(c, examples[i]) > 0)
     ks = k_grid(n)
     return {"pass@k": [sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks],
-            "never_solved": sum(c == 0 for c in correct) / len(correct)}
+            "never_solved": sum(c == 0 for c in correct) / len(correct), "entropy": entropy}
 
 
 def run_job(job: dict) -> dict:
@@ -70,10 +75,12 @@ def run_job(job: dict) -> dict:
         c = job["config"]
         summary = toolkit.train_run(c, f"{job['world']} / {job['method']} / seed {c['seed']}")
         model_dir = str(Path(summary["checkpoint"]) / "model")
+        high = [r["opd/high_entropy_frac"] for r in summary["log"] if "opd/high_entropy_frac" in r]
     else:
         toolkit.quiet_worker()
-        model_dir = job["model"]
-    return {"world": job["world"], "method": job["method"], "seed": job["seed"], **curve(model_dir, job)}
+        model_dir, high = job["model"], []
+    return {"world": job["world"], "method": job["method"], "seed": job["seed"], **curve(model_dir, job),
+            "high_entropy_frac": sum(high) / len(high) if high else None}
 
 
 def aggregate(runs: list[dict], world: str, names: list[str]) -> dict:
@@ -81,7 +88,8 @@ def aggregate(runs: list[dict], world: str, names: list[str]) -> dict:
     for name in names:
         rs = sorted((r for r in runs if r["world"] == world and r["method"] == name), key=lambda r: r["seed"])
         out[name] = {"seeds": [r["seed"] for r in rs], "pass@k": [r["pass@k"] for r in rs],
-                     "never_solved": [r["never_solved"] for r in rs]}
+                     "never_solved": [r["never_solved"] for r in rs], "entropy": [r["entropy"] for r in rs],
+                     "high_entropy_frac": [r["high_entropy_frac"] for r in rs]}
     return out
 
 
@@ -104,6 +112,12 @@ def claims(result: dict) -> dict:
         if "opd_full" in w["methods"]:
             down, sn = gap("opd_full", -1)
             out[f"{world}/opd_keeps_coverage"] = toolkit.claim(-down <= sn, gain_n=down, spread_n=sn)
+        if "opd_full" in w["methods"] and "opd_entropy_aware" in w["methods"]:
+            a, b = ([c[-1] for c in w["methods"][x]["pass@k"]] for x in ("opd_entropy_aware", "opd_full"))
+            diff, spread = mean_std(a)[0] - mean_std(b)[0], max(mean_std(a)[1], mean_std(b)[1])
+            out[f"{world}/entropy_aware_covers_more"] = toolkit.claim(
+                diff > spread, gain_n=diff, spread_n=spread,
+                high_entropy_frac=mean_std(w["methods"]["opd_entropy_aware"]["high_entropy_frac"])[0])
     return out
 
 
@@ -116,13 +130,13 @@ def docs_block(result: dict, results_dir: str) -> str:
              f"{result['wall_s']:.0f} s in {result['workers']} process(es) on {result['cpus']} CPU cores; every number is "
              f"in `{results_dir}/passk.json`). Unbiased pass@k, mean ± standard deviation over seeds (the start student "
              "and the teacher: over the seeds' prompts and samples); never solved: the share of prompts with no correct "
-             f"sample in {result['samples']}.", "", f"![pass@k against k]({results_dir}/passk.png)", "",
-             "| world | policy | " + " | ".join(f"pass@{ks[i]}" for i in shown) + " | never solved |",
-             "|---|---|" + "---|" * (len(shown) + 1)]
+             f"sample in {result['samples']}; entropy: nats per token on those samples.", "", f"![pass@k against k]({results_dir}/passk.png)", "",
+             "| world | policy | " + " | ".join(f"pass@{ks[i]}" for i in shown) + " | never solved | entropy |",
+             "|---|---|" + "---|" * (len(shown) + 2)]
     for world, w in result["worlds"].items():
         for name, m in w["methods"].items():
             lines.append(f"| {world} | {name} | " + " | ".join(fmt([c[i] for c in m["pass@k"]], 3) for i in shown)
-                         + f" | {fmt(m['never_solved'], 3)} |")
+                         + f" | {fmt(m['never_solved'], 3)} | {fmt(m['entropy'], 3)} |")
     lines.append("")
     n_max = ks[-1]
     for key, c in result["claims"].items():
@@ -134,6 +148,10 @@ def docs_block(result: dict, results_dir: str) -> str:
         elif what == "grpo_gives_up_prompts":
             lines.append(f"- **{world}: GRPO gives up prompts, its pass@{n_max} below the start's by more than the seed "
                          f"spread: {toolkit.verdict(c)}** ({c['gain_n']:+.3f}, spread {c['spread_n']:.3f}).")
+        elif what == "entropy_aware_covers_more":
+            lines.append(f"- **{world}: entropy-aware OPD ends with a pass@{n_max} above full OPD's by more than the seed "
+                         f"spread: {toolkit.verdict(c)}** ({c['gain_n']:+.3f}, spread {c['spread_n']:.3f}; its forward "
+                         f"term was on at {c['high_entropy_frac']:.1%} of the training positions).")
         else:
             lines.append(f"- **{world}: full OPD keeps the start's coverage, its pass@{n_max} not below the start's by "
                          f"more than the seed spread: {toolkit.verdict(c)}** ({c['gain_n']:+.3f}, spread "

@@ -297,6 +297,7 @@ METHOD_STYLE: dict[str, dict] = {
     "opd_topk": dict(color="C4", label="OPD top-K"), "opd_topk_tail": dict(color="teal", label="OPD top-K + tail"),
     "opd_jsd": dict(color="C5", label="OPD JSD"),
     "opd_grpo": dict(color="C6", label="OPD + reward"), "forward_kl": dict(color="C8", label="forward KL"),
+    "opd_entropy_aware": dict(color="goldenrod", label="OPD entropy-aware"),
 }
 
 
