@@ -41,7 +41,7 @@ def run_job(job: dict) -> dict:
     from transformers import AutoTokenizer
 
     from opd_mini.eval import held_out_examples
-    from opd_mini.experiments.demo import policy_stats
+    from opd_mini.experiments.recovery import policy_stats
     from opd_mini.tasks import get_task
 
     c = job["config"]
