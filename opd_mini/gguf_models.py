@@ -80,20 +80,47 @@ def resolve(spec: str, cache_dir: str | os.PathLike | None = None, *, progress: 
     """The ``save_pretrained`` folder of a GGUF spec: the cached one, else converted now (atomically)."""
     path = gguf_path(spec)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / cache_key(path)
-    if (target / "opd_mini_gguf.json").is_file():
-        return str(target)
+
+    def build(tmp: Path) -> None:
+        if progress:
+            print(f"converting {path.name} into a Hugging Face folder (once): {root / cache_key(path)}",
+                  file=sys.stderr, flush=True)
+        convert(path, tmp)
+
+    return str(build_cached(root / cache_key(path), build, {"source": str(path), "spec": spec}, "converted model"))
+
+
+#: The file a finished cache folder holds (written last, inside the temporary folder, before the rename).
+MARKER = "opd_mini_gguf.json"
+
+
+def build_cached(target: Path, build, record: dict, what: str) -> Path:
+    """``target``, built once by ``build(tmp)`` in a temporary folder beside it and renamed into place: an
+    interrupted build leaves nothing half-written, and a second process building the same folder meanwhile waits
+    on a file lock, then finds it. An unwritable cache is a ValueError naming ``OPD_MINI_CACHE``."""
+    if (target / MARKER).is_file():
+        return target
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f".{target.name}.lock", "w")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "w")
     except OSError as e:
-        raise ValueError(f"cannot write the converted model under {root} ({e.strerror}): set OPD_MINI_CACHE to a "
+        raise ValueError(f"cannot write the {what} under {target.parent} ({e.strerror}): set OPD_MINI_CACHE to a "
                          "writable directory") from None
     with lock:
-        _exclusive(lock)  # a second process converting the same file waits here, then finds the folder
-        if not (target / "opd_mini_gguf.json").is_file():
-            _convert_into(path, spec, target, progress)
-    return str(target)
+        _exclusive(lock)
+        if not (target / MARKER).is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                build(tmp)
+                (tmp / MARKER).write_text(json.dumps(record) + "\n")
+                try:
+                    os.rename(tmp, target)
+                except OSError:  # another process finished the same folder first: keep its folder
+                    if not (target / MARKER).is_file():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _exclusive(lock) -> None:
@@ -102,22 +129,6 @@ def _exclusive(lock) -> None:
     except ImportError:  # no file locks (Windows): the atomic rename alone keeps the cache whole
         return
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-
-
-def _convert_into(path: Path, spec: str, target: Path, progress: bool) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        if progress:
-            print(f"converting {path.name} into a Hugging Face folder (once): {target}", file=sys.stderr, flush=True)
-        convert(path, tmp)
-        (tmp / "opd_mini_gguf.json").write_text(json.dumps({"source": str(path), "spec": spec}) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished the same conversion first: keep its folder
-            if not (target / "opd_mini_gguf.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert(path: Path, out: Path) -> None:

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from opd_mini.config import ANSWERS, MOVING, TrainConfig, parse_teachers
 from opd_mini.gguf_models import is_gguf_spec
 from opd_mini.gguf_models import resolve as resolve_gguf
+from opd_mini.layer_drop import drop_layers
 from opd_mini.student import load_student
 from opd_mini.tasks import MixTask, get_task
 from opd_mini.sampler import encode_prompts, format_prompts
@@ -71,7 +72,8 @@ class Models:
         """What was loaded and what trains, read off the models themselves (the summary's ``ran``): the student
         (its adapter's real shape), each task's teacher (its real quantization), the loss function and its file."""
         refs = self.teachers or ({"*": self.teacher_for("*")} if self.has_teacher or self.teacher_path == ANSWERS else {})
-        return {"student": self.student_path, "adapter": adapter_shape(self.student),
+        return {"student": self.student_path, "student_layers": getattr(self.student.config, "num_hidden_layers", None),
+                "adapter": adapter_shape(self.student),
                 "teachers": {task: {"path": ref.path, "student_base": ref.is_student_base,
                                     "quantization": "none" if ref.is_student_base else loaded_quantization(ref.model)}
                              for task, ref in refs.items()},
@@ -187,6 +189,8 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
         if cfg.tokenizer == "" and cfg.student == "tiny":
             paths["tokenizer"] = str(tiny["tokenizer"])
     paths = {k: (resolve_gguf(v, progress=cfg.progress) if is_gguf_spec(v) else v) for k, v in paths.items()}
+    if cfg.student_drop_layers:  # a smaller student cut from the (resolved) student
+        paths["student"] = drop_layers(paths["student"], cfg.student_drop_layers, progress=cfg.progress)
     for role, path in paths.items():
         if role == "teacher" and teacher in ("self", "none", ANSWERS, MOVING):
             continue

@@ -328,9 +328,23 @@ register("jsonl", usage="jsonl:PATH")(lambda arg, eval_fraction=0.1: load_jsonl(
 register("hf", usage="hf:NAME[:SPLIT]")(
     lambda arg, eval_fraction=0.1: load_hf_dataset(_nonempty("hf", arg).partition(":")[0],
                                                    arg.partition(":")[2] or "train", eval_fraction=eval_fraction))
+register("questions", usage="questions")(lambda arg, eval_fraction=0.1: shipped("questions", arg, eval_fraction))
+register("sums", usage="sums")(lambda arg, eval_fraction=0.1: shipped("sums", arg, eval_fraction))
 register("route", usage="route:N:K")(lambda arg: RouteTask(*_int_args("route", arg, "N:K", 2)))
 register("hidden", usage="hidden:RHO:SPEC")(lambda arg: _flag_task(arg, visible=False))
 register("visible", usage="visible:RHO:SPEC")(lambda arg: _flag_task(arg, visible=True))
+
+#: Prompt sets for real chat models, shipped in ``opd_mini/assets/real``: 64 everyday questions with one-word
+#: answers, and the 100 single-digit sums ("What is 3 + 4? Reply with only the number.").
+SHIPPED_TASKS = ("questions", "sums")
+
+
+def shipped(name: str, arg: str, eval_fraction: float) -> ListTask:
+    """A shipped prompt set, named by its kind alone (its held-out split does not depend on where it is installed)."""
+    if arg:
+        raise ValueError(f"task {name}:{arg}: the shipped task {name!r} takes no argument; write --task {name}")
+    return ListTask(name, load_jsonl(Path(__file__).parent / "assets" / "real" / f"{name}.jsonl").items, eval_fraction)
+
 
 #: Largest mixture weight: weights are relative, and larger ones only overflow the split of a step's prompts.
 MAX_MIXTURE_WEIGHT = 1e6

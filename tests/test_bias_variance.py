@@ -249,3 +249,51 @@ def test_docs_tail_bucket_bullet_holds_on_the_committed_results():
     ratio = {T: rows[(T, "top2_tail")]["variance"] / max(rows[(T, "top2")]["variance"], 1e-30) for T in Ts}
     assert all(ratio[T] < 1 for T in Ts if T <= 4) and round((max(ratio[T] for T in Ts if T > 4) - 1) * 100) <= 9
     assert all(rel(T, "full") < rel(T, "top2_tail") for T in Ts) and round(max(rel(T, "full") for T in Ts), 2) == 0.39
+
+
+def test_docs_k_much_smaller_than_v_bullet_holds_and_reruns_in_seconds(tmp_path):
+    """docs/results.md §1, the K ≪ V bullet, against toy/results/V32/bias_variance.json; the command reruns it (the
+    quantities are exact: every sequence enumerated) and agrees to float round-off. With --train-steps 0 no training
+    table is built (a 32^6-state table at the default --train-T would not fit in memory)."""
+    import json
+    from pathlib import Path
+
+    from toy.__main__ import main
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "toy" / "results" / "V32" / "bias_variance.json").read_text())
+    live = main(["bias-variance", "--V", "32", "--Ts", "1", "2", "3", "--gammas", "0", "1", "--topk", "4",
+                 "--train-steps", "0", "--workers", "1", "--no-progress", "--out", str(tmp_path)])["bias-variance"]
+    assert live["training"] == [] and data["training"] == []
+    for a, b in zip(live["other_estimators"], data["other_estimators"]):
+        assert a["estimator"] == b["estimator"] and a["bias_norm"] == pytest.approx(b["bias_norm"], rel=1e-4, abs=1e-6)
+    rows = {(r["T"], r["estimator"]): r for r in data["other_estimators"]}
+    sampled = {(r["T"], r["gamma"]): r for r in data["estimators"]}
+    Ts = data["config"]["Ts"]
+
+    def rel(T, name):
+        return rows[(T, name)]["bias_norm"] / rows[(T, name)]["exact_grad_norm"]
+
+    def span(values, digits=2):
+        return round(min(values), digits), round(max(values), digits)
+
+    assert span([rel(T, "top4") for T in Ts]) == (1.87, 1.99) and min(rel(T, "top4") for T in Ts) > 1.19
+    assert all(abs(rel(T, "top4_tail") - 0.91) < 0.01 for T in Ts)
+    assert all(rel(T, "top4_tail") < 0.55 * rel(T, "top4") for T in Ts)  # about halved
+    varied = [T for T in Ts if T >= 2]  # at T = 1 every distribution-level loss is deterministic
+    assert span([rows[(T, "top4_tail")]["variance"] for T in varied], 3) == (0.013, 0.023)
+    assert span([rows[(T, "full")]["variance"] for T in varied]) == (0.12, 0.25)
+    assert span([sampled[(T, 0.0)]["variance"] for T in varied], 1) == (3.7, 5.9)
+    assert all(rows[(T, "top4_tail")]["variance"] < min(rows[(T, n)]["variance"] for n in ("full", "top4"))
+               for T in varied)
+    assert all(rows[(T, "full")]["bias_norm"] == pytest.approx(sampled[(T, 0.0)]["bias_norm"], rel=1e-4, abs=1e-7)
+               for T in Ts)
+    assert span([rel(T, "full") for T in varied]) == (0.24, 0.27)
+
+
+def test_tables_too_large_for_memory_are_refused_with_what_to_change():
+    with pytest.raises(ValueError, match=r"--train-T 6 with V=32.*--train-steps 0"):
+        Config(V=32, Ts=(1, 2)).validate()
+    with pytest.raises(ValueError, match=r"--Ts 6 with V=32"):
+        Config(V=32, Ts=(1, 6), train_steps=0).validate()
+    Config(V=32, Ts=(1, 2, 3), train_steps=0).validate()  # the K ≪ V measurement fits

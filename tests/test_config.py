@@ -56,6 +56,9 @@ def test_presets_load():
     assert tiny.device == "cpu" and tiny.dtype == "float32" and tiny.student == "tiny"
     gpu = TrainConfig.from_preset("laptop-gpu")
     assert gpu.lora and gpu.teacher_quantization == "4bit" and gpu.dtype == "bfloat16" and gpu.device == "cuda"
+    smol = TrainConfig.from_preset("smollm2-cpu")  # a real model on a CPU: context distillation of a short answer
+    assert (smol.student, smol.teacher, smol.device, smol.task) == ("smollm2-135m", "self", "cpu", "questions")
+    assert "{prompt}" in smol.teacher_template and smol.lora and smol.retention_task == "sums"
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_preset("huge-tpu")
 

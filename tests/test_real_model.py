@@ -154,10 +154,10 @@ def test_a_4bit_teacher_of_the_real_checkpoint_loads_on_the_cpu(smol_dir):
     assert torch.isfinite(teacher(ids).logits).all()
 
 
-def test_quick_real_experiment_measures_fidelity_and_self_distillation(tmp_path):
+def test_quick_real_experiment_runs_its_five_parts(tmp_path):
     """`python -m opd_mini.experiments real --quick` (one seed): the full-precision row of the fidelity table is
     exactly the reference, and OPD against its own base does not move (r_t = 0: no gradient), while SFT on π₀'s
-    fixed samples does."""
+    fixed samples does; context distillation and the smaller student start every method from the same model."""
     from opd_mini.experiments import real
 
     assert real.main(["--quick", "--seeds", "0", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -169,6 +169,17 @@ def test_quick_real_experiment_measures_fidelity_and_self_distillation(tmp_path)
     assert all(x == 0.0 for k in by["opd"]["kl_to_init"] for x in k)
     assert all(k[-1] > 0 for k in by["sft_fixed"]["kl_to_init"])
     assert (tmp_path / "real.png").stat().st_size > 0
+    ctx, small, special = result["context"], result["smaller"], result["special"]  # the parts that train students
+    assert 0 <= special["start"]["special_token_share"] < 1 and 0 <= special["start"]["special_gap_share"] <= 1
+    assert {e["method"] for e in special["runs"]} == {"opsd_sampled", "opsd_sampled_masked"}
+    assert {e["eos_frac"][0][0] for e in special["runs"]} == {ctx["runs"][0]["eos_frac"][0][0]}  # the same start
+    assert set(ctx["behaviour"]) == {"prompts", "samples_per_prompt", "with", "without"}
+    assert all(0 <= ctx["behaviour"][k]["eos_frac"] <= 1 for k in ("with", "without"))
+    for part, key in ((ctx, "eos_frac"), (small, "kl_forward")):  # every method starts from the same model
+        assert len({e[key][0][0] for e in part["runs"]}) == 1 and all(e["steps"] == [0, 1] for e in part["runs"])
+    assert all(k[0][0] == 0.0 for e in ctx["runs"] for k in (e["kl_to_init"], e["retention_kl_to_init"]))
+    assert small["student"]["layers"] == 24 < result["model"]["layers"]
+    assert small["student"]["parameters"] < result["model"]["parameters"] and small["runs"][0]["kl_forward"][0][0] > 0
     from opd_mini.experiments import toolkit  # the quick scale is one step: this is the real recipe's one-step run
 
     assert result["recipe"]["values"] == toolkit.recipe("real") and real.SCALES["quick"]["steps"] == 1
@@ -198,3 +209,47 @@ def test_docs_reading_of_the_real_results_holds_on_the_committed_json():
     assert round(v["4bit"]["kl"] / v["8bit"]["kl"]) == 10
     ratio = toolkit.mean(by["opd"]["step_seconds"]) / toolkit.mean(by["sft_fixed"]["step_seconds"])
     assert round(ratio) == 3
+
+
+def test_docs_reading_of_context_distillation_and_the_smaller_student_holds():
+    """The two paragraphs after the real block's first reading, statement by statement, on the committed JSON."""
+    from opd_mini.experiments import toolkit
+    from opd_mini.stats import mean_std
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "tutorials" / "results" / "real.json").read_text())
+    c, b = result["context"], result["context"]["behaviour"]
+    assert round(b["with"]["eos_frac"], 1) == 0.6 and round(b["without"]["eos_frac"], 1) == 0.1  # six in ten, one
+    by = {e["method"]: e for e in c["runs"]}
+    final = {m: mean_std([x[-1] for x in e["eos_frac"]]) for m, e in by.items()}
+    assert c["setup"]["steps"] == 12 and all(final[m][0] >= b["with"]["eos_frac"] for m in final)
+    spread = max(final["opsd"][1], final["sft_context"][1])  # above SFT by just more than the spread
+    assert spread < final["opsd"][0] - final["sft_context"][0] < 1.5 * spread
+    assert result["recipe"]["values"]["scales"]["full"]["eval_prompts"] * result["run"]["eval_samples"] == 16
+    sums = {m: mean_std([x[-1] for x in e["retention_kl_to_init"]]) for m, e in by.items()}
+    assert abs(sums["opsd"][0] - sums["sft_context"][0]) < max(sums["opsd"][1], sums["sft_context"][1])
+    assert toolkit.mean([x[-1] for x in by["opsd"]["kl_to_init"]]) >= toolkit.mean(
+        [x[-1] for x in by["sft_context"]["kl_to_init"]])
+    s = {e["method"]: e for e in result["smaller"]["runs"]}
+    fwd = {m: mean_std([x[-1] for x in e["kl_forward"]]) for m, e in s.items()}
+    rev = {m: mean_std([x[-1] for x in e["kl_reverse"]]) for m, e in s.items()}
+    assert fwd["sft"][0] < fwd["opd"][0] and fwd["opd"][0] - fwd["sft"][0] < max(fwd["opd"][1], fwd["sft"][1])
+    assert rev["sft"][0] - rev["opd"][0] > max(rev["opd"][1], rev["sft"][1])
+    assert result["smaller"]["setup"]["student_drop_layers"] == "12-17"
+
+
+def test_docs_reading_of_special_tokens_and_the_teacher_along_the_sequence_holds():
+    """The two paragraphs on special tokens and on the teacher along the sequence, on the committed JSON."""
+    from opd_mini.stats import mean_std
+
+    result = json.loads((Path(__file__).resolve().parents[1] / "tutorials" / "results" / "real.json").read_text())
+    st = result["special"]["start"]
+    assert st["special_token_share"] < 0.05 and st["special_gap_share"] < 0.05  # a small share of both
+    assert round(st["mean_abs_gap_special"] / st["mean_abs_gap_other"]) == 3
+    final = {e["method"]: mean_std([x[-1] for x in e["eos_frac"]]) for e in result["special"]["runs"]}
+    masked, plain = final["opsd_sampled_masked"], final["opsd_sampled"]
+    assert plain[0] - masked[0] > max(plain[1], masked[1])  # fewer with the mask, beyond the spread
+    full = mean_std([x[-1] for x in next(e for e in result["context"]["runs"] if e["method"] == "opsd")["eos_frac"]])
+    assert abs(plain[0] - full[0]) < max(plain[1], full[1])  # as well as the full-vocabulary OPSD
+    a = result["along"]
+    assert a["mean_abs_r"][-1] < a["mean_abs_r"][0] and a["spearman_abs_r"] < -0.7
+    assert max(a["mean_abs_r"]) == a["mean_abs_r"][0] or a["mean_abs_r"].index(max(a["mean_abs_r"])) < 3

@@ -122,3 +122,17 @@ def test_hf_task_with_configurable_columns(monkeypatch):
     assert sorted(task.examples(2, seed=0), key=lambda e: e.prompt) == [Example("1+1=", "2"), Example("2+2=", "4")]
     with pytest.raises(ValueError, match="no column 'prompt'.*question"):
         get_task("hf:someone/arith")
+
+
+def test_the_shipped_prompt_sets_for_real_chat_models():
+    """``questions`` (64 everyday questions, one-word answers) and ``sums`` (the 100 single-digit sums): named by
+    their kind alone, with a held-out split that does not depend on where the package is installed."""
+    questions, sums = get_task("questions", eval_fraction=0.25), get_task("sums")
+    assert (len(questions), questions.split_size("eval"), len(sums)) == (64, 16, 100)
+    assert questions.name == "questions" and questions.splits == get_task("questions", eval_fraction=0.25).splits
+    every = sums.examples(100, seed=0, split="all")
+    assert sorted((e.prompt, e.answer) for e in every) == sorted(
+        (f"What is {a} + {b}? Reply with only the number.", str(a + b)) for a in range(10) for b in range(10))
+    assert all(len(e.answer.split()) == 1 for e in questions.examples(64, seed=0, split="all"))
+    with pytest.raises(ValueError, match="takes no argument; write --task sums"):
+        get_task("sums:3")

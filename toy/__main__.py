@@ -44,6 +44,7 @@ EXPERIMENTS: dict[str, str] = {
     "course-hybrid": "toy.course_hybrid",
     "course-cost": "toy.course_cost",
     "course-fixes": "toy.course_fixes",
+    "distil-long": "toy.distil_long",
 }
 #: what ``python -m toy`` runs: every experiment
 EVERYTHING = tuple(EXPERIMENTS)

@@ -60,6 +60,8 @@ from toy.world import ENUM_BATCH, World, can_enumerate
 
 NAME = "bias-variance"
 ESTIMATORS = ("sampled_token", "full", "topk", "topk_tail")
+#: The most logits one table (teacher or student: one vector per prompt and prefix) may hold: 5e7 (200 MB).
+MAX_TABLE = 50_000_000
 #: The estimators' names → the registered losses that compute them; any other registered loss name is
 #: measured as it is (``Config.extra_losses``), on the same sequence scale.
 ESTIMATOR_LOSSES = {"sampled_token": "reverse_kl_sampled", "full": "reverse_kl_full", "topk": "reverse_kl_topk",
@@ -129,6 +131,11 @@ class Config:
         check(self.teacher_scale >= 0 and self.student_scale >= 0, "--teacher-scale and --student-scale must be >= 0")
         check(bool(self.lrs) and all(lr > 0 for lr in self.lrs), f"--lrs must be > 0, got {self.lrs}")
         check(self.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}")
+        for what, T in [*(("--Ts", T) for T in self.Ts), *([("--train-T", self.train_T)] if self.train_steps else [])]:
+            size = self.P * World(self.V, T).num_states * self.V  # the teacher's and the student's logit tables
+            check(size <= MAX_TABLE, f"{what} {T} with V={self.V}, P={self.P} needs tables of {size:.2e} logits each "
+                  f"(over {MAX_TABLE:.0e}, {4 * size / 1e9:.1f} GB): lower {what}, --V or --P"
+                  + (", or --train-steps 0 to measure the estimators only" if what == "--train-T" else ""))
         check(min(self.batch_size, self.train_T, self.train_seeds, self.eval_every, self.threads) >= 1
               and self.train_steps >= 0 and self.mc_samples >= 2 and self.enum_limit >= 1,
               "--batch-size, --train-T, --train-seeds, --eval-every, --threads must be >= 1, --train-steps >= 0, "
@@ -353,7 +360,8 @@ def jobs(cfg: Config) -> list[Job]:
     return ([Job(f"bias-variance/T={T}", horizon_rows, (cfg, T), cost=2e-5 * min(cfg.P * cfg.V ** T, cfg.mc_samples))
              for T in cfg.Ts]
             + [Job(f"bias-variance/train/lr={lr}/gamma={g}", train_runs, (cfg, lr, g),
-                   cost=cfg.train_seeds * cfg.train_steps * cfg.train_T / 4000) for lr in cfg.lrs for g in cfg.gammas])
+                   cost=cfg.train_seeds * cfg.train_steps * cfg.train_T / 4000) for lr in cfg.lrs for g in cfg.gammas
+               if cfg.train_steps > 0])  # --train-steps 0: the estimators only
 
 
 def finish(cfg: Config, results: dict, out: str, timing: Timing) -> dict:
@@ -363,9 +371,10 @@ def finish(cfg: Config, results: dict, out: str, timing: Timing) -> dict:
     wall = timing.wall(NAME)
     rows = [r for T in cfg.Ts for r in results[f"bias-variance/T={T}"][0]]
     other = [r for T in cfg.Ts for r in results[f"bias-variance/T={T}"][1]]
-    records = [r for lr in cfg.lrs for g in cfg.gammas for r in results[f"bias-variance/train/lr={lr}/gamma={g}"]]
+    records = [r for lr in cfg.lrs for g in cfg.gammas for r in results.get(f"bias-variance/train/lr={lr}/gamma={g}", [])]
     report.print_bias_variance(rows, other, cfg)
-    report.print_training(records, cfg)
+    if records:
+        report.print_training(records, cfg)
     fig_path = os.path.join(out, "bias_variance.png")
     report.plot_bias_variance(rows, records, cfg, fig_path)
     config = {**asdict(cfg), "Ts": list(cfg.Ts), "gammas": list(cfg.gammas), "lrs": list(cfg.lrs),

@@ -81,7 +81,8 @@ def plot_bias_variance(rows: list[dict], records: list[dict], cfg, path: str) ->
     by = {(r["gamma"], r["T"]): r for r in rows}
     cmap = plt.get_cmap("viridis")
     colors = {g: cmap(i / max(len(gammas) - 1, 1)) for i, g in enumerate(gammas)}
-    fig, axes = plt.subplots(1, 3 + len(cfg.lrs), figsize=(4.7 * (3 + len(cfg.lrs)), 4.2))
+    lrs = list(cfg.lrs) if records else []  # --train-steps 0: no training panels
+    fig, axes = plt.subplots(1, 3 + len(lrs), figsize=(4.7 * (3 + len(lrs)), 4.2))
 
     ax = axes[0]
     for i, T in enumerate(Ts):
@@ -105,7 +106,7 @@ def plot_bias_variance(rows: list[dict], records: list[dict], cfg, path: str) ->
     ax.legend(fontsize=7)
     ax.set(xlabel="T", ylabel=f"var(γ={gammas[-1]}) / var(γ={gammas[0]})", title="variance ratio vs T")
 
-    for ax, lr in zip(axes[3:], cfg.lrs):
+    for ax, lr in zip(axes[3:], lrs):
         for g in gammas:
             recs = [r for r in records if r["gamma"] == g and r["lr"] == lr]
             steps = sorted({r["step"] for r in recs})

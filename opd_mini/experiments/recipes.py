@@ -64,7 +64,7 @@ def check_recipe(name: str, data: dict, shipped: dict, path, lines: dict) -> Non
             continue
         if not isinstance(value, type(shipped[key])):
             raise ValueError(f"recipe {_where(path, lines, (key,))}: {key!r} must be a {type(shipped[key]).__name__}")
-        if key == "run":
+        if key == "run" or key.endswith("_run"):  # the loop's fields
             bad = next((k for k in value if k not in FIELD_NAMES), None)
             if bad is not None:
                 raise unknown((key, bad), ["the loop's fields (python -m opd_mini.train --help)"])

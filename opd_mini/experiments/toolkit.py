@@ -298,6 +298,10 @@ METHOD_STYLE: dict[str, dict] = {
     "opd_jsd": dict(color="C5", label="OPD JSD"),
     "opd_grpo": dict(color="C6", label="OPD + reward"), "forward_kl": dict(color="C8", label="forward KL"),
     "opd_entropy_aware": dict(color="goldenrod", label="OPD entropy-aware"),
+    "opd": dict(color="C1", label="OPD"), "opsd": dict(color="C1", label="OPSD (teacher behind the prompt)"),
+    "sft_context": dict(color="C0", label="SFT on the prompted teacher's samples"),
+    "opsd_sampled": dict(color="C2", label="OPSD sampled-token"),
+    "opsd_sampled_masked": dict(color="C6", label="OPSD sampled-token, special tokens masked"),
 }
 
 
