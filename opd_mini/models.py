@@ -202,7 +202,7 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
                          "save_pretrained or a Hugging Face id, which needs a network the first time "
                          f"({' '.join(str(e).split(chr(10))[0].split())})") from None
     if cfg.init_adapter:
-        check_adapter_base(cfg.init_adapter, paths["student"])
+        check_adapter_base(cfg.init_adapter, paths["student"], cfg.student_drop_layers)
     student = load_student(
         paths["student"], lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         lora_target_modules=_target_modules(cfg.lora_target_modules), device=device, dtype=dtype,
@@ -277,14 +277,44 @@ def check_model_path(role: str, path: str) -> None:
                          f"by save_pretrained holds config.json and the weights; --{role})")
 
 
-def check_adapter_base(adapter_dir: str, student_path: str) -> None:
-    """An adapter to start from must exist and have been trained on this student's base model."""
+def check_adapter_base(adapter_dir: str, student_path: str, dropped: str = "") -> None:
+    """An adapter to start from must exist, hold weights for no decoder layer the student lacks (a student cut
+    by ``--student_drop_layers`` has fewer), and have been trained on this student's base model."""
     _saved_adapter_shape(adapter_dir)
+    layers, student_layers = _adapter_layers(adapter_dir), _config_layers(student_path)
+    if layers and student_layers and layers > student_layers:
+        cut = f" (--student_drop_layers {dropped} cut it)" if dropped else ""
+        raise ValueError(f"init_adapter={adapter_dir!r} holds LoRA weights for {layers} decoder layers, but the student "
+                         f"{student_path}{cut} has {student_layers}: give an adapter trained on this student"
+                         f"{', or drop --student_drop_layers' if dropped else ''}")
     config = os.path.join(os.path.expanduser(adapter_dir), "adapter_config.json")
     base = json.loads(open(config).read()).get("base_model_name_or_path")
     if base and not _same_path(str(base), student_path):
         raise ValueError(f"init_adapter={adapter_dir!r} was trained on the base {base}, but the student is "
                          f"{student_path}: give --student {base}, or an adapter of this student")
+
+
+def _adapter_layers(adapter_dir: str) -> int:
+    """1 + the highest decoder-layer index among a saved adapter's weights (0 if none can be read)."""
+    import re
+
+    from safetensors import safe_open
+
+    path = os.path.join(os.path.expanduser(adapter_dir), "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return 0
+    with safe_open(path, framework="pt") as f:
+        found = [int(m.group(1)) for k in f.keys() for m in [re.search(r"\.layers\.(\d+)\.", k)] if m]
+    return max(found) + 1 if found else 0
+
+
+def _config_layers(model_path: str) -> int:
+    """num_hidden_layers of a local model directory's config.json (0 if it has none, e.g. a hub id)."""
+    path = os.path.join(os.path.expanduser(model_path), "config.json")
+    if not os.path.isfile(path):
+        return 0
+    config = json.loads(open(path).read())
+    return int(config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers") or 0)
 
 
 def _same_path(a: str, b: str) -> bool:

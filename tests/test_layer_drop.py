@@ -116,3 +116,25 @@ def test_the_loop_trains_the_smaller_student_and_records_it(tiny_pair, tmp_path,
                                 steps=1, task="reverse:3")) == 0
     ran = json.loads((out / "summary.json").read_text())["ran"]
     assert ran["student_layers"] == 1 and Path(ran["student"]).parent == tmp_path / "cache" / "dropped"
+
+
+def test_an_adapter_of_the_full_model_on_the_smaller_student_is_one_line(tiny_pair, tmp_path, capsys, monkeypatch):
+    """A LoRA adapter saved on the 2-layer student holds weights for a layer the 1-layer student lacks: refused before
+    any load, with the layer counts named; the adapter of the smaller student itself is accepted."""
+    from opd_mini import train
+
+    monkeypatch.setenv("OPD_MINI_CACHE", str(tmp_path / "cache"))
+    student, teacher = str(tiny_pair["student"]), str(tiny_pair["teacher"])
+    common = dict(lora="true", steps=1, task="reverse:3")
+    assert train.main(loop_args(student, teacher, tmp_path / "full", **common)) == 0
+    capsys.readouterr()
+    full_adapter = next((tmp_path / "full" / "checkpoints").iterdir()) / "model"
+    code = train.main(loop_args(student, teacher, tmp_path / "run", student_drop_layers="0", init_adapter=full_adapter,
+                                **common))
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert code == 2 and len(err) == 1 and "LoRA weights for 2 decoder layers" in err[0] and "has 1" in err[0], err
+    assert "--student_drop_layers 0 cut it" in err[0] and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert train.main(loop_args(student, teacher, tmp_path / "small", student_drop_layers="0", **common)) == 0
+    small_adapter = next((tmp_path / "small" / "checkpoints").iterdir()) / "model"
+    assert train.main(loop_args(student, teacher, tmp_path / "again", student_drop_layers="0",
+                                init_adapter=small_adapter, **common)) == 0
