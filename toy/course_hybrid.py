@@ -16,7 +16,7 @@ import os
 
 from opd_mini.stats import mean_std
 from toy.course_results import course_commands
-from toy.course_world import COLORS, METHODS, Config, samples_to, shared_jobs
+from toy.course_world import COLORS, LABELS, METHODS, Config, samples_to, shared_jobs
 from toy.report import fmt, pyplot
 
 NAME = "course-hybrid"
@@ -80,7 +80,7 @@ def plot_curves(ax, curves: dict, methods, alpha: float) -> None:
     """Each method's learning curve (mean exact success against samples) and a band of ± one std over seeds."""
     for m in methods:
         c = curves[m]
-        ax.plot(c["samples"], c["mean"], color=COLORS[m], label=m)
+        ax.plot(c["samples"], c["mean"], color=COLORS[m], label=LABELS[m])
         ax.fill_between(c["samples"], [a - b for a, b in zip(c["mean"], c["std"])],
                         [a + b for a, b in zip(c["mean"], c["std"])], color=COLORS[m], alpha=alpha, lw=0)
 
@@ -103,7 +103,7 @@ def plot_hybrid(cfg: Config, summary: dict, seeds: list[dict], path: str | None 
     ax.bar(range(len(METHODS)), [h[m]["final_minus_teacher"][0] for m in METHODS],
            yerr=[h[m]["final_minus_teacher"][1] for m in METHODS], color=[COLORS[m] for m in METHODS], alpha=0.7)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(range(len(METHODS)), METHODS, rotation=30, fontsize=8)
+    ax.set_xticks(range(len(METHODS)), [LABELS[m] for m in METHODS], rotation=30, fontsize=8, ha="right")
     ax.set(ylabel="final success − the teacher's", title=f"after {cfg.steps} steps × {cfg.batch} samples")
     fig.tight_layout()
     if path is not None:

@@ -17,7 +17,7 @@ import os
 
 from opd_mini.stats import mean_std
 from toy.course_results import course_commands
-from toy.course_world import COLORS, METHODS, Config, shared_jobs
+from toy.course_world import COLORS, LABELS, METHODS, Config, shared_jobs
 from toy.report import fmt, pyplot
 
 NAME = "course-passk"
@@ -132,21 +132,26 @@ def plot_passk(cfg: Config, summary: dict, seeds: list[dict], path: str | None =
         for name in names:
             m, s = summary["pass_at_k"][name]["mean"], summary["pass_at_k"][name]["std"]
             ls = "--" if name in ("base", "teacher") else "-"
-            ax.plot(ks, m, ls, color=COLORS[name], label=name)
+            ax.plot(ks, m, ls, color=COLORS[name], label=LABELS[name])
             ax.fill_between(ks, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=COLORS[name],
                             alpha=0.15, lw=0)
         ax.set(xscale="log", xlabel="k (samples per prompt)", ylabel="exact pass@k", title=title, ylim=(0, 1.02))
+        ticks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= ks[-1]]
+        ax.set_xticks(ticks, [str(k) for k in ticks])  # every power of two labelled, not only 10^0 and 10^1
+        ax.minorticks_off()
         ax.legend(fontsize=7, loc="lower right")
     ax = axes[2]
     r = seeds[0]
     order = sorted(range(cfg.prompts), key=lambda p: r["base"]["success_per_prompt"][p])
-    x = list(range(cfg.prompts))
+    x, shown = list(range(cfg.prompts)), []
     for name in ("base", "grpo", "opd_full", "teacher"):
         vals = policy_eval(r, name)["success_per_prompt"]
-        ax.plot(x, [vals[p] for p in order], "o-" if name != "teacher" else "s--", ms=4, color=COLORS[name], label=name)
-    ax.set(yscale="log", ylim=(1e-6, 1.5), xlabel=f"prompt (by π₀'s success; seed {r['seed']})",
+        shown += [vals[p] for p in order]
+        ax.plot(x, [vals[p] for p in order], "o-" if name != "teacher" else "s--", ms=4, color=COLORS[name], label=LABELS[name])
+    floor = min([v for v in shown if v > 0] or [1e-6]) / 3  # every positive success on the axis, however small
+    ax.set(yscale="log", ylim=(floor, 1.5), xlabel=f"prompt (by π₀'s success; seed {r['seed']})",
            ylabel="success on the prompt", title="where GRPO's pass@k goes")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=90)

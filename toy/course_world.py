@@ -29,6 +29,7 @@ import torch
 
 from opd_mini import registry
 from opd_mini.batch import Batch
+from opd_mini.experiments.toolkit import METHOD_STYLE
 from opd_mini.losses import LOGP_FLOOR, token_logprobs
 from toy.cli import Job, check
 from toy.exact import all_sequences, correct_table, entropy_from_logprobs
@@ -41,9 +42,10 @@ from toy.world import Task, World
 METHODS = ("sft", "grpo", "opd_sampled", "opd_full", "opd_topk", "forward_kl", "opd_grpo")
 #: Methods that sample B/G prompts with G samples each (they read a group-normalised reward).
 GROUPED = ("grpo", "opd_grpo")
-#: One colour per policy in every course figure.
-COLORS = {"base": "k", "teacher": "0.55", "sft": "C0", "grpo": "C3", "opd_sampled": "C2", "opd_full": "C1",
-          "opd_topk": "C4", "forward_kl": "C5", "opd_grpo": "C6"}
+#: One colour per policy, the same in every figure and notebook (the shared table of the transformer experiments).
+COLORS = {m: METHOD_STYLE[m]["color"] for m in ("base", "teacher", *METHODS)}
+#: and one name, in every legend (the JSON keeps the short names)
+LABELS = {m: METHOD_STYLE[m]["label"] for m in ("base", "teacher", *METHODS)}
 #: the illustrative scale of the printed FLOPs table (:func:`toy.course_cost.flops_table`), kept in every JSON
 FLOPS_SCALE = {"P": 1e9, "prompt_len": 256, "T": 1024, "G": 8}
 

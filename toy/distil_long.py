@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from opd_mini.stats import mean_std
+from opd_mini.experiments.toolkit import METHOD_STYLE
 from toy.cli import Job, Timing, check, experiment_commands, run_experiment
 from toy.course_cost import flops_table
 from toy.course_world import optimizer_step, samples_to, step_loss
@@ -46,7 +47,7 @@ NAME = "distil-long"
 #: the methods that learn from the RL teacher (course_world's names of the registered losses)
 DISTIL = ("opd_sampled", "opd_full", "sft")
 REGIMES = ("same_token", "same_success")
-COLORS = {"grpo": "C3", "opd_sampled": "C2", "opd_full": "C1", "sft": "C0"}
+COLORS = {m: METHOD_STYLE[m]["color"] for m in ("grpo", "opd_sampled", "opd_full", "sft")}  # the shared colours
 
 
 @dataclass
@@ -252,7 +253,7 @@ def figure(cfg: Config, rows: list[dict], summary: list[dict], path: str) -> Non
                            color=COLORS[m], s=9, alpha=0.5)
             means = [(e["N"], sum(r) / len(r)) for e in mine if (r := e["methods"][m]["grpo_over_method"])]
             if means:
-                ax.plot(*zip(*means), color=COLORS[m], ls=ls, marker="o", ms=3, label=f"{m}, {regime}")
+                ax.plot(*zip(*means), color=COLORS[m], ls=ls, marker="o", ms=3, label=f"{METHOD_STYLE[m]['label']}, {regime}")
     ax.axhline(1, color="0.6", lw=0.8, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="answer length N", ylabel="GRPO's samples / the method's",
            title="samples to 90% of the RL teacher's gain", ylim=(0.4, 80))  # room for the legend above the data
@@ -263,9 +264,9 @@ def figure(cfg: Config, rows: list[dict], summary: list[dict], path: str) -> Non
     for r in (r for r in rows if r["N"] == longest and r["regime"] == regime):
         for m, curve in r["curves"].items():
             bx.plot([c["samples"] for c in curve], [c["success"] for c in curve], color=COLORS[m], lw=1,
-                    label=m if r["seed"] == cfg.seed else None)
+                    label=METHOD_STYLE[m]["label"] if r["seed"] == cfg.seed else None)
     bx.set(xlabel="samples", ylabel="exact success", title=f"{regime}, N = {longest}: GRPO, then each distils it")
-    bx.legend(frameon=False, fontsize=8, loc="center right")
+    bx.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)  # off the curves
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -202,7 +202,7 @@ def recovery_figure(result: dict, path: Path) -> None:
     for ax, title in zip(axes, ("A pass@1 during recovery", "B pass@1 during recovery")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("recovery step")
-        ax.legend(frameon=False, fontsize=8, loc="lower right")
+        ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)  # off the data
     toolkit.save(fig, path)
 
 
