@@ -112,6 +112,29 @@ def test_sampling_reads_the_state_table_or_one_position_at_a_time_alike(world, k
     assert torch.equal(*drawn)
 
 
+@pytest.mark.parametrize("context", [1, 2])
+def test_a_last_token_policy_samples_from_its_step_table_with_the_same_draws(monkeypatch, context):
+    """An MLP that reads only the last token is sampled from its (prompt, position, previous token) table: the table
+    holds next_logits' values bit for bit, at every batch size, and the draws equal the one-position route's. An MLP
+    that reads more (context 2) has no such table."""
+    world = World(V=4, T=12, P=5)  # 4^12 states: too many for a state table, so sample takes the step route
+    pi = policies.MLPPolicy(world, hidden=16, context=context, generator=torch.Generator().manual_seed(2))
+    table = pi.step_table()
+    if context != 1:
+        assert table is None
+        return
+    g = torch.Generator().manual_seed(5)
+    for B in (1, 7, 64):
+        prompts_B, tokens_BT = torch.randint(world.P, (B,), generator=g), torch.randint(world.V, (B, world.T), generator=g)
+        for t in range(world.T):
+            prev_B = tokens_BT[:, t - 1] if t else torch.full((B,), world.V)
+            assert torch.equal(table[prompts_B, t, prev_B], pi.next_logits(prompts_B, tokens_BT, t)), (B, t)
+    prompts_B = torch.randint(world.P, (256,), generator=g)
+    fast = sample(pi, prompts_B, torch.Generator().manual_seed(9))
+    monkeypatch.setattr(policies.MLPPolicy, "step_table", lambda self: None)
+    assert torch.equal(fast, sample(pi, prompts_B, torch.Generator().manual_seed(9)))
+
+
 def test_categorical_is_the_exponential_race_torch_multinomial_runs():
     g = torch.Generator().manual_seed(0)
     probs_BV = torch.softmax(3 * torch.randn(500, 5, generator=g), -1)

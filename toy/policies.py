@@ -58,6 +58,11 @@ class Policy(nn.Module):
         """Position t's logits only, (B, V), given the prompt and ``tokens[:, :t]`` (what sampling needs)."""
         return self.logits(prompts_B, tokens_BT)[:, t]
 
+    def step_table(self) -> torch.Tensor | None:
+        """The logits of every (prompt, position, previous token), (P, T, V + 1, V), for a policy that reads no more
+        of the prefix than its last token (the previous token V is BOS); None for any other (the default)."""
+        return None
+
 
 class TablePolicy(Policy):
     """One free logit vector per (prompt, prefix): ``logits(p, c_t) = table_PSV[p, s(c_t)]``.
@@ -142,6 +147,14 @@ class MLPPolicy(Policy):
     # order, for the positions asked for only. ``state_logits`` keeps the generic route: a gradient through it
     # sums over the padded positions too, in the order that fitted the committed π₀ of toy/results.
 
+    @torch.no_grad()
+    def step_table(self):
+        if self.context != 1:
+            return None
+        x_PTXH = self.prompt_emb[:, None, None, :] + self.pos_emb[None, :, None, :] + self.bias_h
+        x_PTXH = x_PTXH + self.prev_emb[0][None, None, :, :]  # previous token 0 … V − 1, and BOS = V
+        return torch.tanh(x_PTXH) @ self.head_HV + self.bias_V  # (P, T, V + 1, V)
+
     def next_logits(self, prompts_B, tokens_BT, t):
         x_BH = self.prompt_emb[prompts_B.long()] + self.pos_emb[t] + self.bias_h
         for j in range(self.context):  # y_{t−1−j}, BOS (= V) where missing
@@ -174,8 +187,10 @@ def sample(policy: Policy, prompts_B: torch.Tensor, generator: torch.Generator |
     """Ancestral sampling ``y_t ∼ π(·| p, y_<t)``, t = 1 … T. Returns tokens (B, T) long.
 
     A policy that stores per-state logits, or whose world has at most :data:`TABLE_ROWS_PER_SAMPLE` states per
-    sampled sequence, is read from its state table (:meth:`Policy.state_table`), walking the prefix index;
-    any other asks for one position at a time (:meth:`Policy.next_logits`). Both read the same logits.
+    sampled sequence, is read from its state table (:meth:`Policy.state_table`), walking the prefix index; a
+    policy that reads only the last token is read from its (prompt, position, previous token) table
+    (:meth:`Policy.step_table`); any other asks for one position at a time (:meth:`Policy.next_logits`). All three
+    read the same logits, bit for bit (the test checks it), so they draw the same tokens from the same generator.
     """
     w = policy.world
     prompts_B = prompts_B.long()
@@ -187,6 +202,14 @@ def sample(policy: Policy, prompts_B: torch.Tensor, generator: torch.Generator |
             probs_BV = torch.softmax(logits_XV.index_select(0, row_B + (w.offset(t) + code_B)).float(), dim=-1)
             tokens.append(categorical(probs_BV, generator))
             code_B = code_B * w.V + tokens[-1]
+        return torch.stack(tokens, 1)
+    step_PTXV = policy.step_table()
+    if step_PTXV is not None:  # one lookup per position instead of a forward pass
+        prev_B, tokens = torch.full_like(prompts_B, w.V), []
+        for t in range(w.T):
+            probs_BV = torch.softmax(step_PTXV[prompts_B, t, prev_B].float(), dim=-1)
+            prev_B = categorical(probs_BV, generator)
+            tokens.append(prev_B)
         return torch.stack(tokens, 1)
     tokens_BT = torch.zeros(prompts_B.shape[0], w.T, dtype=torch.long)
     for t in range(w.T):
