@@ -26,7 +26,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "passk": ("opd_mini.experiments.passk", "pass@k to k = 64 on the transformer worlds: does GRPO sharpen, does OPD "
               "keep its teacher's coverage?"),
     "along": ("opd_mini.experiments.along", "the teacher along the sequence: the gap log π − log q and the teacher's "
-              "success-to-go from the student's prefixes, against position"),
+              "success-to-go from the student's prefixes, against position; does clipping or top-K flatten its pull "
+              "(--parts gap,train)"),
     "forgetting": ("opd_mini.experiments.forgetting", "self-distillation: SFT on the model's own samples drifts, "
                    "OPD stays put"),
     "retention": ("opd_mini.experiments.retention", "learning a new skill: the old one forgotten at matched "
